@@ -1,0 +1,138 @@
+"""Where the images come from: TFDS (real data) or a synthetic generator.
+
+Every split is loaded whole into host memory as uint8 NHWC plus int32 labels:
+the datasets this project trains on (MNIST-like, CIFAR) are at most a few
+hundred MB, and in-memory arrays make the shuffle order a pure function of
+(seed, epoch), which is what an exact resume needs.
+"""
+
+import dataclasses
+import os
+import pathlib
+import socket
+import urllib.parse
+
+import numpy as np
+
+from cnn_lab.data import debian_fashion_mnist
+from cnn_lab.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray  # uint8, (N, H, W, C)
+  labels: np.ndarray  # int32, (N,)
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def default_data_dir() -> pathlib.Path:
+  return pathlib.Path(
+      os.environ.get('TFDS_DATA_DIR',
+                     pathlib.Path.home() / 'tensorflow_datasets'))
+
+
+def _can_reach(url: str, timeout: float = 3.0) -> bool:
+  parts = urllib.parse.urlsplit(url)
+  port = parts.port or (443 if parts.scheme == 'https' else 80)
+  try:
+    with socket.create_connection((parts.hostname, port), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+def _builder(name: str, data_dir: pathlib.Path):
+  import tensorflow_datasets as tfds  # Heavy; only where real data is used.
+  try:
+    return tfds.builder(name, data_dir=str(data_dir))
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ConfigError(
+        f'data.dataset={name!r} is not a TFDS dataset; use a name from '
+        'https://www.tensorflow.org/datasets/catalog or \'synthetic\'') from None
+
+
+def prepare_fashion_mnist(data_dir: pathlib.Path | None = None,
+                          debian_dir: pathlib.Path | None = None):
+  """Prepares TFDS `fashion_mnist` offline from Debian's files; idempotent."""
+  import tensorflow_datasets as tfds
+  data_dir = pathlib.Path(data_dir or default_data_dir())
+  builder = _builder('fashion_mnist', data_dir)
+  if builder.is_prepared():
+    return builder
+  manual_dir = debian_fashion_mnist.write_manual_dir(
+      data_dir / 'downloads' / 'manual' / 'fashion_mnist',
+      debian_dir or debian_fashion_mnist.DEBIAN_DIR)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=str(manual_dir),
+          # Refuse any file whose checksum TFDS has not registered or
+          # that does not match the registered one.
+          force_checksums_validation=True,
+      ))
+  return builder
+
+
+def _prepared_builder(name: str, data_dir: pathlib.Path):
+  """Returns a prepared builder, preparing it if that can work here."""
+  builder = _builder(name, data_dir)
+  if builder.is_prepared():
+    return builder
+  if name == 'fashion_mnist' and debian_fashion_mnist.DEBIAN_DIR.exists():
+    return prepare_fashion_mnist(data_dir)
+  urls = list(getattr(builder, 'url_infos', None) or {})
+  if urls and not _can_reach(urls[0]):
+    raise ConfigError(
+        f'data.dataset={name!r} is not prepared in {data_dir} and its source '
+        f'({urllib.parse.urlsplit(urls[0]).hostname}) cannot be reached from '
+        f'here; prepare it where it can (`tfds build {name} '
+        f'--data_dir=DIR`) and copy DIR/{name} into {data_dir}')
+  if not urls and name == 'fashion_mnist':
+    raise ConfigError(
+        'data.dataset=\'fashion_mnist\' is not prepared and Debian\'s files '
+        'are missing; run `apt-get install dataset-fashion-mnist`')
+  builder.download_and_prepare()
+  return builder
+
+
+def load_tfds(name: str, data_dir: pathlib.Path | None = None
+              ) -> tuple[Split, Split, int]:
+  """Loads the train and test splits of TFDS dataset `name` into memory."""
+  import tensorflow_datasets as tfds
+  builder = _prepared_builder(name, pathlib.Path(data_dir or default_data_dir()))
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features:
+    raise ConfigError(
+        f'data.dataset={name!r} has no image/label features; cnn_lab trains '
+        'image classifiers')
+  splits = []
+  for split in ('train', 'test'):
+    if split not in builder.info.splits:
+      raise ConfigError(f'data.dataset={name!r} has no {split!r} split')
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    images = np.asarray(arrays['image'], np.uint8)
+    if images.ndim == 3:
+      images = images[..., None]
+    splits.append(Split(images, np.asarray(arrays['label'], np.int32)))
+  return splits[0], splits[1], int(features['label'].num_classes)
+
+
+def make_synthetic(shape: tuple[int, int, int], num_classes: int,
+                   num_train: int, num_test: int, seed: int = 0
+                   ) -> tuple[Split, Split, int]:
+  """A learnable synthetic task: one fixed random template per class + noise.
+
+  For tests and benchmarks only; it is never used in place of a real dataset.
+  """
+  rng = np.random.default_rng(seed)
+  templates = rng.uniform(0, 255, size=(num_classes, *shape))
+
+  def split(n, rng):
+    labels = rng.integers(0, num_classes, size=n).astype(np.int32)
+    noise = rng.normal(0, 40, size=(n, *shape))
+    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    return Split(images, labels)
+
+  return (split(num_train, np.random.default_rng([seed, 1])),
+          split(num_test, np.random.default_rng([seed, 2])), num_classes)

@@ -1,0 +1,78 @@
+"""VGG: Simonyan & Zisserman, "Very Deep Convolutional Networks for
+Large-Scale Image Recognition" (ICLR 2015), Table 1, configurations A, B, D, E
+(VGG11/13/16/19).
+
+Five stages of 3x3 convolutions (stride 1, padding 1) with 64, 128, 256, 512,
+512 channels, each stage closed by a 2x2 max-pool, then three fully connected
+layers. At 224x224 input the head is the paper's 4096-4096 classifier with
+dropout 0.5 after the first two FC layers; its parameter count equals
+torchvision's `vgg*` models (whose adaptive 7x7 pooling is the identity at
+224x224). Small inputs (32x32 up to 63x63, e.g. CIFAR or Fashion-MNIST padded
+to 32) end the features at 1x1x512 and use a 512-512 head, the usual CIFAR
+variant; set `head_features` to choose another.
+
+Knobs (defaults follow the paper): `norm='batch'` adds batch norm between
+each convolution and its activation (the later `vgg*_bn` variant, not in the
+paper); `kernel_init` defaults to Glorot uniform, the initialisation the paper
+reports (Sec. 3.1) trains the deep configurations without pre-training.
+"""
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+
+from cnn_lab import layers
+from cnn_lab.errors import ConfigError
+
+STAGE_CHANNELS = (64, 128, 256, 512, 512)
+
+
+class VGG(nn.Module):
+  """VGG network; `stages` gives the number of 3x3 convolutions per stage."""
+  stages: Sequence[int]
+  num_classes: int = 1000
+  norm: str = 'none'
+  activation: str = 'relu'
+  dropout_rate: float = 0.5
+  kernel_init: str = 'glorot_uniform'
+  init_std: float = 0.01  # Only for kernel_init='normal'.
+  head_features: Sequence[int] | None = None  # None: by input size (above).
+  conv_impl: str = 'auto'
+
+  min_input_size = 32  # Five 2x2 max-pools.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if min(x.shape[1:3]) < self.min_input_size:
+      raise ConfigError(
+          f'VGG needs inputs of at least {self.min_input_size}x'
+          f'{self.min_input_size} (five 2x2 max-pools), got {x.shape[1]}x'
+          f'{x.shape[2]}; set data.image_size >= {self.min_input_size}')
+    act = layers.get_activation(self.activation)
+    init = layers.get_kernel_init(self.kernel_init, self.init_std)
+    for s, (num_convs, ch) in enumerate(zip(self.stages, STAGE_CHANNELS), 1):
+      for i in range(1, num_convs + 1):
+        x = layers.Conv(ch, (3, 3), padding=1, kernel_init=init,
+                        impl=self.conv_impl, name=f'block{s}_conv{i}')(x)
+        x = layers.make_norm(self.norm, train, f'block{s}_bn{i}')(x)
+        x = act(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+
+    head = self.head_features
+    if head is None:
+      head = (4096, 4096) if min(x.shape[1:3]) >= 7 else (512, 512)
+    x = x.reshape(x.shape[0], -1)
+    for i, features in enumerate(head, 1):
+      x = nn.Dense(features, kernel_init=init, name=f'fc{i}')(x)
+      x = act(x)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=init,
+                    name=f'fc{len(head) + 1}')(x)
+
+
+VGG11 = functools.partial(VGG, stages=(1, 1, 2, 2, 2))  # Configuration A.
+VGG13 = functools.partial(VGG, stages=(2, 2, 2, 2, 2))  # Configuration B.
+VGG16 = functools.partial(VGG, stages=(2, 2, 3, 3, 3))  # Configuration D.
+VGG19 = functools.partial(VGG, stages=(2, 2, 4, 4, 4))  # Configuration E.

@@ -1,0 +1,82 @@
+"""Everything a run writes into its workdir, in one place.
+
+  config.json     the whole resolved config (written atomically)
+  layers.json     the parameterised layers in forward order, with their kind
+                  and parameter count (what plots use as the depth axis)
+  metrics.jsonl   one JSON object per line: training lines every
+                  `log_every_steps`, evaluation lines every `eval_every_steps`
+  tensorboard/    the same scalars as TensorBoard event files (clu)
+  plots/          PNG figures drawn from the files above
+"""
+
+import json
+import math
+import os
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  """Writes JSON to a temporary file in the same folder, then renames it."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f'.{path.name}.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+    f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _to_json_number(value):
+  value = float(np.asarray(value))
+  # JSON has no NaN/Infinity; keep them readable by Python's json module.
+  return value if math.isfinite(value) else str(value)
+
+
+class MetricsWriter:
+  """Appends metric lines to metrics.jsonl and to TensorBoard.
+
+  Keys keep the order of `key_order` (forward order for per-layer keys);
+  each line is flushed as it is written, so a crash leaves a readable file.
+  """
+
+  def __init__(self, workdir: pathlib.Path, key_order=()):
+    self.workdir = pathlib.Path(workdir)
+    self.key_order = {k: i for i, k in enumerate(key_order)}
+    self._file = open(self.workdir / 'metrics.jsonl', 'a')
+    from clu import metric_writers  # Pulls in TensorFlow; only when writing.
+    self._tb = metric_writers.SummaryWriter(str(self.workdir / 'tensorboard'))
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> dict:
+    keys = sorted(scalars, key=lambda k: (self.key_order.get(k, 1e9), k))
+    line = {'step': int(step)}
+    line.update({k: _to_json_number(scalars[k]) for k in keys})
+    self._file.write(json.dumps(line) + '\n')
+    self._file.flush()
+    self._tb.write_scalars(int(step), {
+        k: float(np.asarray(scalars[k])) for k in keys})
+    return line
+
+  def flush(self):
+    self._file.flush()
+    self._tb.flush()
+
+  def close(self):
+    self._file.close()
+    self._tb.close()
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The lines of `<workdir>/metrics.jsonl`; a torn last line is ignored."""
+  lines = []
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  with open(path) as f:
+    for text in f:
+      try:
+        lines.append(json.loads(text))
+      except json.JSONDecodeError:
+        break
+  return lines
