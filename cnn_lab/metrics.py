@@ -48,7 +48,8 @@ def layer_order(model: nn.Module, variables, sample_input) -> list[str]:
   return ordered + sorted(set(owners) - set(ordered))
 
 
-def _subtree(tree, name: str):
+def layer_params(tree, name: str) -> dict:
+  """The arrays that layer `name` owns directly (e.g. kernel and bias)."""
   for key in name.split('/') if name else ():
     tree = tree[key]
   return {k: v for k, v in tree.items() if not isinstance(v, dict)}
@@ -58,7 +59,7 @@ def layer_l2_norms(tree, names: Sequence[str]) -> dict[str, jax.Array]:
   """L2 norm over the direct parameters (e.g. kernel and bias) of each layer."""
   norms = {}
   for name in names:
-    leaves = jax.tree.leaves(_subtree(tree, name))
+    leaves = jax.tree.leaves(layer_params(tree, name))
     norms[name] = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                                for x in leaves))
   return norms

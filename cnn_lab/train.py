@@ -10,7 +10,6 @@ config leaves nothing behind.
 import datetime
 import functools
 import pathlib
-import sys
 import time
 from typing import Any
 
@@ -18,8 +17,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from flax.training import train_state
 
 from cnn_lab import data as data_lib
@@ -164,6 +161,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       jnp.zeros((1, *datasets.image_shape), jnp.float32))
 
   workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
+  if (workdir / 'metrics.jsonl').exists():
+    # Appending would mix two runs in one file.
+    raise ConfigError(f'workdir {workdir} already holds a run; choose another '
+                      '--workdir or delete it')
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'plots').mkdir(exist_ok=True)
   resolved = config.to_dict()
@@ -172,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writers.write_json_atomic(workdir / 'layers.json', [
       {'name': name, 'kind': _layer_kind(name, state.params),
        'num_params': int(sum(x.size for x in jax.tree.leaves(
-           metrics_lib._subtree(state.params, name))))}
+           metrics_lib.layer_params(state.params, name))))}
       for name in layer_names])
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'{config.name}: {model_cfg["name"]} with {num_params:,} parameters, '
@@ -180,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         f'batch {batch_size}; workdir {workdir}', flush=True)
 
   key_order = ['train/loss', 'train/accuracy', 'train/learning_rate',
-               'grad_norm/global'] + [f'grad_norm/{n}' for n in layer_names]
+               'eval/loss', 'eval/accuracy', 'grad_norm/global'] + [f'grad_norm/{n}' for n in layer_names]
   writer = writers.MetricsWriter(workdir, key_order)
 
   # --- Compile the steps. ---
@@ -210,6 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       line = writer.write(step, jax.device_get(scalars))
       now = time.perf_counter()
       rate = (step - step_last) / max(now - t_last, 1e-9) if step > 1 else 0
+      t_last, step_last = now, step
       eta = (num_steps - step) / rate if rate else 0
       print(f'  step {step:>{len(str(num_steps))}}/{num_steps}  '
             f'loss {line["train/loss"]:.4f}  acc {line["train/accuracy"]:.3f}'
@@ -232,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 
 def _layer_kind(name: str, params) -> str:
-  leaves = metrics_lib._subtree(params, name)
+  leaves = metrics_lib.layer_params(params, name)
   if 'kernel' in leaves:
     return 'conv' if leaves['kernel'].ndim == 4 else 'dense'
   if 'scale' in leaves:

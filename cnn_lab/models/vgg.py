@@ -58,7 +58,7 @@ class VGG(nn.Module):
                         impl=self.conv_impl, name=f'block{s}_conv{i}')(x)
         x = layers.make_norm(self.norm, train, f'block{s}_bn{i}')(x)
         x = act(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = layers.max_pool(x, 2)
 
     head = self.head_features
     if head is None:

@@ -1,0 +1,139 @@
+"""End to end through launch.py on real Fashion-MNIST, and bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from cnn_lab import plots
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ['--config.train.num_steps=3', '--config.train.batch_size=8',
+        '--config.log_every_steps=1', '--config.eval_every_steps=0',
+        '--config.eval_num_examples=16', '--config.eval_batch_size=8',
+        '--config.model.name=vgg11']
+
+
+def launch(*args, cwd=ROOT):
+  return subprocess.Popen(
+      [sys.executable, str(ROOT / 'launch.py'), *args], cwd=cwd,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=os.environ | {'PYTHONUNBUFFERED': '1'})
+
+
+@pytest.fixture(scope='module')
+def two_runs(tmp_path_factory):
+  """VGG11 without and with batch norm, 3 steps each, run side by side."""
+  base = tmp_path_factory.mktemp('runs')
+  procs = {norm: launch('--config=configs/vgg16_nobn.py',
+                        f'--workdir={base / norm}', *TINY,
+                        f'--config.model.norm={norm}')
+           for norm in ('none', 'batch')}
+  for norm, proc in procs.items():
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+  return base / 'none', base / 'batch', out
+
+
+def test_run_writes_config_metrics_and_plot(two_runs):
+  workdir, _, stdout = two_runs
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['model']['name'] == 'vgg11'
+  assert config['model']['num_classes'] == 10  # Resolved from the dataset.
+  assert config['train']['num_steps'] == 3
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').open()]
+  train = [l for l in lines if 'train/loss' in l]
+  evals = [l for l in lines if 'eval/loss' in l]
+  assert [l['step'] for l in train] == [1, 2, 3]
+  assert [l['step'] for l in evals] == [3]
+  assert 0 <= evals[0]['eval/accuracy'] <= 1
+  layer_keys = [k for k in train[0] if k.startswith('grad_norm/')]
+  assert layer_keys == ['grad_norm/global'] + [
+      f'grad_norm/{n}' for n in (
+          'block1_conv1', 'block2_conv1', 'block3_conv1', 'block3_conv2',
+          'block4_conv1', 'block4_conv2', 'block5_conv1', 'block5_conv2',
+          'fc1', 'fc2', 'fc3')]
+  for line in train:
+    assert all(np.isfinite(line[k]) and line[k] > 0 for k in layer_keys)
+    assert np.isfinite(line['train/loss'])
+  # The global norm is the root of the sum of squared layer norms.
+  np.testing.assert_allclose(
+      train[0]['grad_norm/global'],
+      np.sqrt(sum(train[0][k]**2 for k in layer_keys[1:])), rtol=1e-4)
+  png = matplotlib.image.imread(workdir / 'plots' / 'gradient_flow.png')
+  assert png.shape[0] > 300 and (png[..., :3] < 0.5).mean() > 0.005
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert 'step 3/3' in stdout and 'img/s' in stdout and 'eta' in stdout
+
+
+def test_batch_norm_run_logs_bn_layers(two_runs):
+  _, workdir, _ = two_runs
+  first = json.loads((workdir / 'metrics.jsonl').open().readline())
+  keys = [k for k in first if k.startswith('grad_norm/block1')]
+  assert keys == ['grad_norm/block1_conv1', 'grad_norm/block1_bn1']
+
+
+def test_compare_plot(two_runs, tmp_path):
+  nobn, bn, _ = two_runs
+  out = tmp_path / 'cmp.png'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'cnn_lab.plots', 'compare', str(nobn), str(bn),
+       '--out', str(out)], capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr
+  png = matplotlib.image.imread(out)
+  assert png.shape[1] > 1000 and (png[..., :3] < 0.5).mean() > 0.005
+  labels = plots.run_labels([plots.RunFiles(nobn), plots.RunFiles(bn)])
+  assert labels == ['norm=none', 'norm=batch']
+
+
+def test_compare_rejects_a_folder_that_is_not_a_run(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'cnn_lab.plots', 'compare', str(tmp_path),
+       '--out', str(tmp_path / 'x.png')], capture_output=True, text=True,
+      cwd=ROOT)
+  assert proc.returncode == 2
+  assert 'is not a cnn_lab run' in proc.stderr
+
+
+BAD_INPUTS = [
+    (['--config.model.no_such_knob=1'], 'no_such_knob'),
+    (['--config.model.name=vgg17'], "model.name='vgg17'"),
+    (['--config.data.dataset=no_such_dataset'], 'no_such_dataset'),
+    (['--config.model.dropout_rate=1.0'], r'model.dropout_rate=1.0'),
+    (['--config.model.dropout_rate=-0.5'], r'model.dropout_rate=-0.5'),
+    (['--config.optim.learning_rate=0'], 'optim.learning_rate=0'),
+    (['--config.optim.learning_rate=-0.1'], 'optim.learning_rate=-0.1'),
+    (['--config.train.batch_size=0'], 'train.batch_size=0'),
+    (['--config.train.batch_size=-4'], 'train.batch_size=-4'),
+    (['--config.train.num_steps=0'], 'train.num_steps=0'),
+    (['--config.train.num_steps=-10'], 'train.num_steps=-10'),
+    (['--config.train.num_steps=ten'], 'num_steps'),
+]
+
+
+@pytest.mark.parametrize('args,names', BAD_INPUTS, ids=lambda a: str(a))
+def test_bad_input_one_line_exit_2_no_workdir(args, names, tmp_path):
+  workdir = tmp_path / 'run'
+  proc = launch(f'--config={ROOT}/configs/vgg16_nobn.py',
+                f'--workdir={workdir}',
+                *args, cwd=tmp_path)
+  _, err = proc.communicate(timeout=300)
+  lines = err.strip().splitlines()
+  assert proc.returncode == 2, err
+  assert len(lines) == 1, err
+  assert lines[0].startswith('error: ') and names in lines[0], err
+  assert 'Traceback' not in err
+  assert not workdir.exists()
+  assert list(tmp_path.iterdir()) == []  # Nothing written anywhere here.
+
+
+def test_missing_config_file(tmp_path):
+  proc = launch('--config=configs/nope.py', cwd=tmp_path)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+  assert 'nope.py' in err

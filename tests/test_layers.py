@@ -1,0 +1,101 @@
+"""cnn_lab.layers.conv2d against jax.lax.conv_general_dilated."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cnn_lab import layers
+
+CASES = [
+    # (batch, h, w, c_in, c_out, kernel, strides, padding)
+    (2, 2, 2, 8, 16, 3, 1, 'SAME'),     # the tiny-map case the layer avoids
+    (2, 1, 1, 8, 4, 3, 1, 'SAME'),
+    (3, 5, 7, 4, 6, 3, 1, 'SAME'),
+    (2, 8, 8, 3, 5, 3, 2, 'SAME'),
+    (2, 9, 9, 4, 4, 5, 1, 'SAME'),
+    (2, 7, 6, 3, 4, 3, 1, 'VALID'),
+    (2, 6, 6, 2, 3, 3, 1, ((1, 1), (1, 1))),
+    (2, 11, 11, 3, 8, 11, 4, ((2, 2), (2, 2))),  # AlexNet-style stem
+    (2, 4, 4, 6, 5, 1, 1, 'SAME'),
+]
+
+
+def reference(x, kernel, strides, padding):
+  if not isinstance(padding, str):
+    padding = [tuple(p) for p in padding]
+  return lax.conv_general_dilated(
+      x, kernel, (strides, strides), padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize('impl', ['shifted', 'im2col', 'xla', 'auto'])
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_conv2d_matches_lax_outputs_and_gradients(case, impl):
+  n, h, w, ci, co, k, s, padding = case
+  kx, kk, kg = jax.random.split(jax.random.key(hash(case) % 2**31), 3)
+  x = jax.random.normal(kx, (n, h, w, ci))
+  kernel = jax.random.normal(kk, (k, k, ci, co)) / np.sqrt(k * k * ci)
+  ref = reference(x, kernel, s, padding)
+  probe = jax.random.normal(kg, ref.shape)
+
+  # Output, and gradients of a random linear functional of the output with
+  # respect to both the input and the kernel; one compilation each.
+  @jax.jit
+  def ours(a, b):
+    out, vjp = jax.vjp(lambda a, b: layers.conv2d(a, b, (s, s), padding,
+                                                  impl), a, b)
+    return out, vjp(probe)
+
+  @jax.jit
+  def theirs(a, b):
+    return jax.vjp(lambda a, b: reference(a, b, s, padding), a, b)[1](probe)
+
+  out, grad = ours(x, kernel)
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-4)
+  for g, r in zip(grad, theirs(x, kernel)):
+    np.testing.assert_allclose(g, r, rtol=2e-4, atol=5e-4)
+
+
+def test_auto_avoids_xla_on_tiny_maps_on_cpu():
+  # Which path 'auto' takes is visible in the jaxpr: XLA's path has a
+  # conv_general_dilated primitive, the matmul paths have none.
+  def primitives(x_shape, ci):
+    x = jnp.zeros(x_shape[:3] + (ci,))
+    kernel = jnp.zeros((3, 3, ci, 8))
+    jaxpr = jax.make_jaxpr(lambda a, b: layers.conv2d(a, b))(x, kernel)
+    return {e.primitive.name for e in jaxpr.jaxpr.eqns}
+
+  assert 'conv_general_dilated' not in primitives((2, 2, 2), 256)
+  assert 'conv_general_dilated' in primitives((2, 16, 16), 256)
+  assert 'conv_general_dilated' not in primitives((2, 16, 16), 64)
+
+
+def test_conv_module_has_flax_conv_variables():
+  import flax.linen as nn
+  x = jnp.ones((1, 8, 8, 3))
+  ours = layers.Conv(5, (3, 3)).init(jax.random.key(0), x)
+  theirs = nn.Conv(5, (3, 3)).init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, theirs)
+  # Same variables give the same function.
+  np.testing.assert_allclose(layers.Conv(5, (3, 3)).apply(theirs, x),
+                             nn.Conv(5, (3, 3)).apply(theirs, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape,window,stride', [
+    ((2, 8, 8, 3), 2, 2), ((2, 7, 7, 3), 2, 2), ((2, 9, 9, 2), 3, 2)])
+def test_max_pool_matches_flax(shape, window, stride):
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(0), shape)
+  ref = nn.max_pool(x, (window, window), (stride, stride))
+  np.testing.assert_array_equal(layers.max_pool(x, window, stride), ref)
+  # Without ties, the gradient goes to each window's maximum in both.
+  probe = jax.random.normal(jax.random.key(1), ref.shape)
+  g = jax.grad(lambda a: jnp.sum(layers.max_pool(a, window, stride) * probe))
+  g_ref = jax.grad(lambda a: jnp.sum(
+      nn.max_pool(a, (window, window), (stride, stride)) * probe))
+  np.testing.assert_allclose(g(x), g_ref(x), rtol=1e-6)
