@@ -31,15 +31,61 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def _config_path(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _unknown_field_message(argv, path: str) -> str | None:
+  """Names the first --config.<field> override that the config lacks."""
+  import importlib.util
+  try:
+    spec = importlib.util.spec_from_file_location('_cnn_lab_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception:  # The file itself is broken: reported elsewhere.
+    return None
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    node, parts = config, arg[len('--config.'):].split('=', 1)[0].split('.')
+    for i, part in enumerate(parts):
+      if not hasattr(node, 'keys') or part not in node:
+        where = '.'.join(parts[:i]) or 'the config'
+        fields = ', '.join(node.keys()) if hasattr(node, 'keys') else ''
+        return (f'unknown config field {".".join(parts)!r} in {arg.split("=")[0]}: '
+                f'{where} has the fields {fields}')
+      node = node[part]
+  return None
+
+
 def parse_flags(argv):
+  """Parses flags and loads the config; every failure is one line, exit 2."""
+  path = _config_path(argv)
+  if path is None:
+    fail('--config=configs/NAME.py is required')
+  if not os.path.isfile(path):
+    fail(f'config file {path} does not exist')
   try:
     flags.FLAGS(argv)
+    _ = _CONFIG.value  # config_flags defers some load errors to here.
   except flags.Error as e:
-    fail(e)
+    text = str(e)
+    if 'Traceback' in text:  # get_config() raised: keep its last line.
+      last = [l for l in text.splitlines() if l.strip()][-1].strip()
+      fail(f'get_config() of {path} failed: {last}')
+    fail(text)
+  except (AttributeError, KeyError) as e:
+    fail(_unknown_field_message(argv, path) or
+         f'cannot load the config {path} ({type(e).__name__}: {e})')
   except Exception as e:  # Raised while loading the config file.
-    fail(f'cannot load the config ({type(e).__name__}: {e})')
-  if _CONFIG.value is None:
-    fail('--config=configs/NAME.py is required')
+    cause = e.__cause__ or e
+    fail(f'cannot load the config {path} ({type(cause).__name__}: {cause})')
 
 
 def main(argv):

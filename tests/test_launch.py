@@ -137,3 +137,27 @@ def test_missing_config_file(tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
   assert 'nope.py' in err
+
+
+@pytest.mark.parametrize('text,names', [
+    ('def get_config(:\n', 'SyntaxError'),
+    ('def get_config():\n  raise ValueError("boom")\n', 'ValueError: boom'),
+])
+def test_broken_config_file(text, names, tmp_path):
+  path = tmp_path / 'broken.py'
+  path.write_text(text)
+  proc = launch(f'--config={path}', cwd=tmp_path)
+  _, err = proc.communicate(timeout=120)
+  lines = err.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, err
+  assert names in lines[0] and 'Traceback' not in err
+
+
+def test_workdir_holding_a_run_is_refused_and_left_alone(two_runs):
+  workdir = two_runs[0]
+  before = (workdir / 'metrics.jsonl').read_bytes()
+  proc = launch(f'--config={ROOT}/configs/vgg16_nobn.py',
+                f'--workdir={workdir}', *TINY)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2 and 'already holds a run' in err, err
+  assert (workdir / 'metrics.jsonl').read_bytes() == before
