@@ -55,6 +55,27 @@ def _pick_lines(lines: list[dict], count: int) -> list[dict]:
   return [lines[i] for i in idx]
 
 
+def _plot_depth_series(ax, values, zeros, style='-', **kwargs):
+  """Plots per-layer values on a log axis. Exact zeros (layers that got no
+  gradient at all) cannot be drawn there: they are remembered in `zeros` and
+  marked at the bottom of the axis by `_mark_zeros`."""
+  values = [float(v) for v in values]
+  ax.plot(range(len(values)), [v if v > 0 else float('nan') for v in values],
+          style, marker='o', ms=3, **kwargs)
+  zeros.extend((i, kwargs.get('color')) for i, v in enumerate(values)
+               if v == 0)
+
+
+def _mark_zeros(ax, zeros):
+  if not zeros:
+    return
+  bottom = ax.get_ylim()[0]
+  for i, color in zeros:
+    ax.plot([i], [bottom], marker='v', ms=7, color=color, clip_on=False)
+  ax.text(0.01, 0.98, '▼ at the bottom: gradient exactly 0',
+          transform=ax.transAxes, fontsize=7, va='top')
+
+
 def _depth_axis(ax, names):
   ax.set_xticks(range(len(names)))
   ax.set_xticklabels(names, rotation=60, ha='right', fontsize=7)
@@ -72,12 +93,13 @@ def plot_gradient_flow(workdir, out=None, num_points: int = 4) -> pathlib.Path:
   fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(names) + 2), 4.5))
   picked = _pick_lines(run.train_lines(), num_points)
   cmap = plt.get_cmap('viridis')
+  zeros = []
   for i, line in enumerate(picked):
-    values = [float(line[f'grad_norm/{n}']) for n in names]
-    ax.plot(range(len(names)), values, marker='o', ms=3,
-            color=cmap(i / max(len(picked) - 1, 1)),
-            label=f'step {line["step"]}')
+    _plot_depth_series(ax, [line[f'grad_norm/{n}'] for n in names], zeros,
+                       color=cmap(i / max(len(picked) - 1, 1)),
+                       label=f'step {line["step"]}')
   _depth_axis(ax, names)
+  _mark_zeros(ax, zeros)
   ax.set_ylabel('gradient L2 norm')
   ax.set_title(f'Gradient flow: {run.config.get("name", run.workdir.name)}')
   ax.legend(fontsize=8)
@@ -129,19 +151,20 @@ def plot_compare(workdirs, out) -> pathlib.Path:
       1, 2, figsize=(max(12, 0.4 * len(names) + 8), 5),
       gridspec_kw={'width_ratios': [3, 2]})
   colors = plt.get_cmap('tab10')
+  zeros = []
   for i, (run, label) in enumerate(zip(runs, labels)):
     lines = run.train_lines()
     if not lines:
       continue
     layer_names = run.weight_layers
     for line, style in ((lines[0], '--'), (lines[-1], '-')):
-      ax_g.plot(range(len(layer_names)),
-                [float(line[f'grad_norm/{n}']) for n in layer_names],
-                style, marker='o', ms=3, color=colors(i % 10),
-                label=f'{label}, step {line["step"]}')
+      _plot_depth_series(ax_g, [line[f'grad_norm/{n}'] for n in layer_names],
+                         zeros, style, color=colors(i % 10),
+                         label=f'{label}, step {line["step"]}')
     steps, losses = run.series('train/loss')
     ax_l.plot(steps, losses, color=colors(i % 10), label=label)
   _depth_axis(ax_g, names)
+  _mark_zeros(ax_g, zeros)
   ax_g.set_ylabel('gradient L2 norm')
   ax_g.set_title('Gradient flow (dashed: first logged step, solid: last)')
   ax_g.legend(fontsize=7)
