@@ -140,7 +140,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 KERNEL_INITS = ('he_normal', 'he_uniform', 'glorot_normal', 'glorot_uniform',
-                'lecun_normal', 'lecun_uniform', 'normal')
+                'lecun_normal', 'lecun_uniform', 'normal', 'truncated_normal')
 
 NORMS = ('none', 'batch')
 
@@ -151,13 +151,16 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
 
 def get_kernel_init(name: str, std: float = 0.01) -> Callable:
-  """He (Kaiming), Glorot (Xavier), LeCun or N(0, std^2) initialisation."""
+  """He (Kaiming), Glorot (Xavier), LeCun (all with fan-in of the forward
+  map), N(0, std^2), or a normal of std `std` truncated at 2 std."""
   check_choice('model.kernel_init', name, KERNEL_INITS)
   inits = nn.initializers
-  if name == 'normal':
+  if name in ('normal', 'truncated_normal'):
     if not isinstance(std, (int, float)) or not std > 0:
       raise ConfigError(f'model.init_std={std!r} is not allowed; it must be '
                         'a positive number')
+    if name == 'truncated_normal':
+      return inits.truncated_normal(stddev=std)
     return inits.normal(stddev=std)
   return {
       'he_normal': inits.he_normal(),
@@ -169,24 +172,119 @@ def get_kernel_init(name: str, std: float = 0.01) -> Callable:
   }[name]
 
 
-def make_norm(norm: str, train: bool, name: str) -> Callable[[Array], Array]:
+def make_norm(norm: str, train: bool, name: str,
+              epsilon: float = 1e-5) -> Callable[[Array], Array]:
   """Batch norm over (N, H, W) per channel, with a learnable scale and shift;
   batch statistics in training, moving averages in evaluation."""
   if norm == 'batch':
     return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                        epsilon=1e-5, name=name)
+                        epsilon=epsilon, name=name)
   return lambda x: x
 
 
+# Inputs smaller than this take each family's small-input (CIFAR-style) stem:
+# 28x28 and 32x32 images; 64x64 and up use the ImageNet layout.
+SMALL_INPUT = 64
+
+
+def is_small_input(x: Array) -> bool:
+  return min(x.shape[1:3]) < SMALL_INPUT
+
+
+def check_input_size(x: Array, minimum: int, model: str, why: str) -> None:
+  """Raises ConfigError (at trace time, before compiling) for inputs that
+  the network's downsampling would shrink to nothing."""
+  if min(x.shape[1:3]) < minimum:
+    raise ConfigError(
+        f'data.image_size={min(x.shape[1:3])} is too small for {model}: it '
+        f'needs inputs of at least {minimum}x{minimum} ({why})')
+
+
+def scale_width(channels: int, width: float) -> int:
+  """Channels of a layer under the width multiplier (at least one)."""
+  return max(1, int(round(channels * width)))
+
+
+def _pool_padding(padding, size: int, window: int, stride: int):
+  """Explicit (low, high) padding; 'CEIL' gives PyTorch's ceil_mode=True."""
+  if padding == 'CEIL':
+    out = -(-(size - window) // stride) + 1
+    if (out - 1) * stride >= size:  # The last window must start inside.
+      out -= 1
+    return (0, max(0, (out - 1) * stride + window - size))
+  if isinstance(padding, int):
+    return (padding, padding)
+  raise ValueError(padding)
+
+
 def max_pool(x: Array, window: int = 2, stride: int | None = None,
-             padding: str = 'VALID') -> Array:
+             padding='VALID') -> Array:
   """Max pooling (NHWC). Non-overlapping windows that tile the map exactly
   are a reshape and a max: the same values, and a backward pass about 8x
-  faster on CPU than XLA's select-and-scatter (measured at 32x32x64)."""
+  faster on CPU than XLA's select-and-scatter (measured at 32x32x64).
+  `padding`: 'VALID', 'SAME', an int on every side, or 'CEIL' (PyTorch's
+  ceil_mode: a last, partial window when the map does not divide)."""
   stride = stride or window
   n, h, w, c = x.shape
   if stride == window and padding == 'VALID' and h % window == 0 and (
       w % window == 0):
     return x.reshape(n, h // window, window, w // window, window, c).max(
         axis=(2, 4))
+  if not isinstance(padding, str) or padding == 'CEIL':
+    padding = (_pool_padding(padding, h, window, stride),
+               _pool_padding(padding, w, window, stride))
   return nn.max_pool(x, (window, window), (stride, stride), padding)
+
+
+def avg_pool(x: Array, window: int, stride: int | None = None,
+             padding='VALID') -> Array:
+  """Average pooling (NHWC). Explicit padding cells count as zeros; the
+  extra cells of 'CEIL' mode do not (the last window averages what it
+  covers, as in Caffe and PyTorch)."""
+  stride = stride or window
+  include_pad = padding != 'CEIL'
+  if not isinstance(padding, str) or padding == 'CEIL':
+    padding = (_pool_padding(padding, x.shape[1], window, stride),
+               _pool_padding(padding, x.shape[2], window, stride))
+  return nn.avg_pool(x, (window, window), (stride, stride), padding,
+                     count_include_pad=include_pad)
+
+
+def adaptive_avg_pool(x: Array, out_size: int) -> Array:
+  """Average over out_size x out_size cells, cell i covering rows
+  floor(i*H/out) to ceil((i+1)*H/out) (PyTorch's AdaptiveAvgPool2d, which
+  GoogLeNet's auxiliary heads and AlexNet's head use)."""
+  n, h, w, c = x.shape
+  if h == out_size and w == out_size:
+    return x
+  if h % out_size == 0 and w % out_size == 0:
+    return x.reshape(n, out_size, h // out_size, out_size, w // out_size,
+                     c).mean(axis=(2, 4))
+
+  def bounds(size, i):
+    return (i * size) // out_size, -(-((i + 1) * size) // out_size)
+
+  rows = []
+  for i in range(out_size):
+    r0, r1 = bounds(h, i)
+    rows.append(jnp.stack([
+        x[:, r0:r1, slice(*bounds(w, j))].mean(axis=(1, 2))
+        for j in range(out_size)], axis=1))
+  return jnp.stack(rows, axis=1)
+
+
+def global_avg_pool(x: Array) -> Array:
+  return x.mean(axis=(1, 2))
+
+
+def local_response_norm(x: Array, size: int = 5, k: float = 2.0,
+                        alpha: float = 1e-4, beta: float = 0.75) -> Array:
+  """AlexNet's local response normalisation across channels (Krizhevsky et
+  al. 2012, Sec. 3.3): x / (k + alpha * sum of x^2 over `size` neighbouring
+  channels)^beta, with the paper's constants."""
+  sq = jnp.square(x)
+  half = size // 2
+  padded = jnp.pad(sq, ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
+  c = x.shape[-1]
+  window_sum = sum(padded[..., i:i + c] for i in range(size))
+  return x / (k + alpha * window_sum) ** beta

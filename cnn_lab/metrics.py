@@ -39,9 +39,13 @@ def layer_order(model: nn.Module, variables, sample_input) -> list[str]:
       called.append('/'.join(context.module.path))
     return next_fun(*args, **kwargs)
 
+  # Training mode, so that layers used only in training (GoogLeNet's
+  # auxiliary heads) take their place in the order.
   with nn.intercept_methods(record):
     jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False), variables, sample_input)
+        lambda v, x: model.apply(v, x, train=True, mutable=True,
+                                 rngs={'dropout': jax.random.key(0)}),
+        variables, sample_input)
   owners = _owners(variables['params'])
   ordered = [name for name in dict.fromkeys(called) if name in owners]
   # Parameters used outside a module's __call__ (none in the zoo) go last.

@@ -38,8 +38,12 @@ def steps_from_epochs(num_epochs: float, num_examples: int,
 
 
 def create_train_state(model, tx, image_shape, key) -> TrainState:
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      key, jnp.zeros((1, *image_shape), jnp.float32))
+  # Non-partitionable threefry: the same keys on one device, and XLA
+  # compiles the initialisation of a large network (GoogLeNet: ~130 arrays)
+  # about 3x faster (measured 11s against 36s on 2 CPU cores).
+  with jax.threefry_partitionable(False):
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        key, jnp.zeros((1, *image_shape), jnp.float32))
   return TrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
       batch_stats=variables.get('batch_stats', {}))
@@ -52,21 +56,34 @@ def _variables(state: TrainState, params) -> dict:
 
 
 def train_step(state: TrainState, batch, dropout_key, *, layer_names,
-               schedule):
-  """One SGD step; returns the new state and a flat dict of scalar metrics."""
+               schedule, aux_loss_weight: float = 0.3):
+  """One SGD step; returns the new state and a flat dict of scalar metrics.
+
+  Models with auxiliary classifiers (GoogLeNet's `aux_heads`) sow their
+  logits into the 'aux_logits' collection in training; their cross-entropy,
+  times `aux_loss_weight`, is added to the objective and logged as
+  `train/aux_loss`, while `train/loss` stays the main classifier's loss so
+  that runs with and without auxiliary heads compare directly.
+  """
   # A fresh dropout mask every step, derived from the step number so that a
   # resumed run draws the same masks as an uninterrupted one.
   key = jax.random.fold_in(dropout_key, state.step)
-  mutable = ['batch_stats'] if state.batch_stats else []
+  mutable = ['aux_logits'] + (['batch_stats'] if state.batch_stats else [])
 
   def loss_fn(params):
     out = state.apply_fn(_variables(state, params), batch['image'],
                          train=True, rngs={'dropout': key}, mutable=mutable)
     logits, new_vars = out
     loss = metrics_lib.cross_entropy(logits, batch['label']).mean()
-    return loss, (logits, new_vars)
+    aux_logits = jax.tree.leaves(new_vars.get('aux_logits', {}))
+    if not aux_logits:
+      return loss, (loss, None, logits, new_vars)
+    aux_loss = aux_loss_weight * sum(
+        metrics_lib.cross_entropy(a, batch['label']).mean()
+        for a in aux_logits)
+    return loss + aux_loss, (loss, aux_loss, logits, new_vars)
 
-  (loss, (logits, new_vars)), grads = jax.value_and_grad(
+  (_, (loss, aux_loss, logits, new_vars)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(
       grads=grads, batch_stats=new_vars.get('batch_stats', state.batch_stats))
@@ -76,6 +93,8 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
       'train/learning_rate': schedule(state.step),
       **metrics_lib.compute_grad_stats(grads, layer_names),
   }
+  if aux_loss is not None:  # The model has auxiliary heads.
+    scalars['train/aux_loss'] = aux_loss
   return new_state, scalars
 
 
@@ -145,7 +164,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if not isinstance(config.seed, int):
     raise ConfigError(f'seed={config.seed!r} is not allowed; it must be an '
                       'integer')
+  aux_loss_weight = config.train.get('aux_loss_weight', 0.3)
+  if (not isinstance(aux_loss_weight, (int, float))
+      or isinstance(aux_loss_weight, bool) or not aux_loss_weight >= 0):
+    raise ConfigError(f'train.aux_loss_weight={aux_loss_weight!r} is not '
+                      'allowed; it must be a number >= 0')
+  workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
+  if (workdir / 'metrics.jsonl').exists():
+    # Appending would mix two runs in one file.
+    raise ConfigError(f'workdir {workdir} already holds a run; choose another '
+                      '--workdir or delete it')
+  # Model knobs and optimiser first: they need no data, and loading a
+  # dataset takes seconds.
   model_cfg = config.model.to_dict()
+  models.create_model(**{**model_cfg,
+                         'num_classes': model_cfg.get('num_classes') or 1})
+  optim.make_optimizer(**config.optim, num_steps=1)
+  check_positive('train.batch_size', config.train.batch_size, integer=True)
+
   datasets = data_lib.make_datasets(**config.data)
   if model_cfg.get('num_classes') is None:
     model_cfg['num_classes'] = datasets.num_classes
@@ -160,11 +196,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       model, {'params': state.params, 'batch_stats': state.batch_stats},
       jnp.zeros((1, *datasets.image_shape), jnp.float32))
 
-  workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
-  if (workdir / 'metrics.jsonl').exists():
-    # Appending would mix two runs in one file.
-    raise ConfigError(f'workdir {workdir} already holds a run; choose another '
-                      '--workdir or delete it')
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'plots').mkdir(exist_ok=True)
   resolved = config.to_dict()
@@ -180,14 +211,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         f'{datasets.name} {datasets.image_shape}, {num_steps} steps of '
         f'batch {batch_size}; workdir {workdir}', flush=True)
 
-  key_order = ['train/loss', 'train/accuracy', 'train/learning_rate',
-               'eval/loss', 'eval/accuracy', 'grad_norm/global'] + [f'grad_norm/{n}' for n in layer_names]
+  key_order = ['train/loss', 'train/aux_loss', 'train/accuracy',
+               'train/learning_rate',
+               'eval/loss', 'eval/accuracy', 'grad_norm/global'] + [
+                   f'grad_norm/{n}' for n in layer_names]
   writer = writers.MetricsWriter(workdir, key_order)
 
   # --- Compile the steps. ---
   p_train_step = jax.jit(
       functools.partial(train_step, layer_names=tuple(layer_names),
-                        schedule=schedule),
+                        schedule=schedule,
+                        aux_loss_weight=aux_loss_weight),
       donate_argnums=(0,))
   p_eval_step = jax.jit(eval_step)
 

@@ -113,13 +113,31 @@ BAD_INPUTS = [
     (['--config.train.num_steps=0'], 'train.num_steps=0'),
     (['--config.train.num_steps=-10'], 'train.num_steps=-10'),
     (['--config.train.num_steps=ten'], 'num_steps'),
+    # Model-zoo combinations that cannot work, caught before compiling.
+    (['--config=resnet20', '--config.model.depth=21'],
+     r'model.depth=21 is not allowed for a CIFAR ResNet; it must be 6n+2'),
+    (['--config=resnet18', '--config.model.depth=20'],
+     'model.depth=20 is not allowed; choose one of 18, 34, 50, 101, 152'),
+    (['--config=resnet20', '--config.model.width=0'], 'model.width=0'),
+    (['--config=googlenet', '--config.model.width=-1.0'], 'model.width=-1'),
+    (['--config.data.image_size=28'],
+     'data.image_size=28 is too small for VGG'),
+    (['--config=lenet5', '--config.data.image_size=16'],
+     'data.image_size=16 is too small for lenet5'),
+    (['--config=googlenet', '--config.model.branch5=7x7'],
+     "model.branch5='7x7' is not allowed"),
+    (['--config=resnet20', '--config.model.name=resnet21'],
+     "model.name='resnet21' is not allowed"),
 ]
 
 
 @pytest.mark.parametrize('args,names', BAD_INPUTS, ids=lambda a: str(a))
 def test_bad_input_one_line_exit_2_no_workdir(args, names, tmp_path):
   workdir = tmp_path / 'run'
-  proc = launch(f'--config={ROOT}/configs/vgg16_nobn.py',
+  config = 'vgg16_nobn'
+  if args[0].startswith('--config='):
+    config, args = args[0].split('=')[1], args[1:]
+  proc = launch(f'--config={ROOT}/configs/{config}.py',
                 f'--workdir={workdir}',
                 *args, cwd=tmp_path)
   _, err = proc.communicate(timeout=300)

@@ -99,3 +99,90 @@ def test_max_pool_matches_flax(shape, window, stride):
   g_ref = jax.grad(lambda a: jnp.sum(
       nn.max_pool(a, (window, window), (stride, stride)) * probe))
   np.testing.assert_allclose(g(x), g_ref(x), rtol=1e-6)
+
+
+def _pool_reference(x, window, stride, op, ceil, pad=0):
+  """Pooling by loops over output cells, PyTorch's rules: explicit padding
+  cells are -inf (max) or zeros counted in the average; ceil mode adds a last
+  window that may hang over the edge, averaged over what it covers."""
+  n, h, w, c = x.shape
+
+  def out_size(size):
+    span = size + 2 * pad - window
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    if ceil and (out - 1) * stride >= size + pad:
+      out -= 1
+    return out
+
+  oh, ow = out_size(h), out_size(w)
+  fill = -np.inf if op == 'max' else 0.0
+  xp = np.full((n, h + 2 * pad + window, w + 2 * pad + window, c), np.nan)
+  xp[:, :h + 2 * pad, :w + 2 * pad] = fill
+  xp[:, pad:pad + h, pad:pad + w] = x
+  out = np.zeros((n, oh, ow, c))
+  for i in range(oh):
+    for j in range(ow):
+      cell = xp[:, i * stride:i * stride + window, j * stride:j * stride +
+                window].reshape(n, -1, c)
+      if op == 'max':
+        out[:, i, j] = np.nanmax(cell, axis=1)
+      else:  # NaN marks cells beyond the padded map (ceil mode).
+        out[:, i, j] = np.nanmean(cell, axis=1)
+  return out
+
+
+POOL_CASES = [
+    (112, 3, 2, 'CEIL'),  # GoogLeNet's stem pool: 112 -> 56
+    (14, 2, 2, 'CEIL'),   # its pool before stage 5: 14 -> 7
+    (32, 3, 2, 'CEIL'),   # NiN's CIFAR pools: 32 -> 16
+    (13, 3, 2, 'CEIL'),
+    (28, 3, 1, 1),        # inception's pooling branch keeps the size
+    (56, 3, 2, 1),        # ResNet's stem pool
+]
+
+
+@pytest.mark.parametrize('op,size,window,stride,padding', [
+    ('max', *case) for case in POOL_CASES] + [
+    ('avg', *case) for case in POOL_CASES if case[-1] == 'CEIL'])
+def test_pools_match_pytorch_rules(op, size, window, stride, padding):
+  x = np.asarray(jax.random.normal(jax.random.key(size), (2, size, size, 3)))
+  ceil = padding == 'CEIL'
+  pad = 0 if ceil else padding
+  ref = _pool_reference(x, window, stride, op, ceil, pad)
+  fn = layers.max_pool if op == 'max' else layers.avg_pool
+  np.testing.assert_allclose(fn(jnp.asarray(x), window, stride, padding),
+                             ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('size,out', [(14, 4), (7, 4), (6, 6), (13, 6),
+                                      (8, 4)])
+def test_adaptive_avg_pool_cells(size, out):
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, size, size + 1, 3)))
+  ref = np.zeros((2, out, out, 3))
+  for i in range(out):
+    for j in range(out):
+      r0, r1 = int(np.floor(i * size / out)), int(np.ceil((i + 1) * size / out))
+      c0, c1 = (int(np.floor(j * (size + 1) / out)),
+                int(np.ceil((j + 1) * (size + 1) / out)))
+      ref[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+  if size == out:  # The identity at 224x224 (AlexNet's 6x6 map).
+    x = x[:, :, :size]
+    ref = x
+  np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x), out),
+                             ref, rtol=1e-5, atol=1e-6)
+
+
+def test_local_response_norm_by_hand():
+  # One pixel, 7 channels: each channel is divided by
+  # (2 + 1e-4 * sum of squares of the channels within 2 of it)^0.75.
+  a = np.arange(1.0, 8.0) * 10
+  expected = [a[i] / (2 + 1e-4 * np.sum(a[max(0, i - 2):i + 3] ** 2)) ** 0.75
+              for i in range(7)]
+  out = layers.local_response_norm(jnp.asarray(a).reshape(1, 1, 1, 7))
+  np.testing.assert_allclose(out.ravel(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('channels,width,expected', [
+    (64, 1.0, 64), (64, 0.25, 16), (6, 0.1, 1), (16, 0.125, 2), (10, 1.5, 15)])
+def test_scale_width(channels, width, expected):
+  assert layers.scale_width(channels, width) == expected

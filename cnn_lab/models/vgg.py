@@ -14,7 +14,9 @@ variant; set `head_features` to choose another.
 Knobs (defaults follow the paper): `norm='batch'` adds batch norm between
 each convolution and its activation (the later `vgg*_bn` variant, not in the
 paper); `kernel_init` defaults to Glorot uniform, the initialisation the paper
-reports (Sec. 3.1) trains the deep configurations without pre-training.
+reports (Sec. 3.1) trains the deep configurations without pre-training;
+`width` multiplies every channel count and hidden feature (cheap CPU runs);
+`dropout_rate` is that of the two hidden fully connected layers.
 """
 
 import functools
@@ -24,7 +26,6 @@ import flax.linen as nn
 import jax
 
 from cnn_lab import layers
-from cnn_lab.errors import ConfigError
 
 STAGE_CHANNELS = (64, 128, 256, 512, 512)
 
@@ -39,22 +40,19 @@ class VGG(nn.Module):
   kernel_init: str = 'glorot_uniform'
   init_std: float = 0.01  # Only for kernel_init='normal'.
   head_features: Sequence[int] | None = None  # None: by input size (above).
+  width: float = 1.0  # Multiplies every channel count and hidden feature.
   conv_impl: str = 'auto'
-
-  min_input_size = 32  # Five 2x2 max-pools.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if min(x.shape[1:3]) < self.min_input_size:
-      raise ConfigError(
-          f'VGG needs inputs of at least {self.min_input_size}x'
-          f'{self.min_input_size} (five 2x2 max-pools), got {x.shape[1]}x'
-          f'{x.shape[2]}; set data.image_size >= {self.min_input_size}')
+    layers.check_input_size(x, 32, 'VGG', 'five 2x2 max-pools; set '
+                            'data.image_size to 32 or more')
     act = layers.get_activation(self.activation)
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
     for s, (num_convs, ch) in enumerate(zip(self.stages, STAGE_CHANNELS), 1):
       for i in range(1, num_convs + 1):
-        x = layers.Conv(ch, (3, 3), padding=1, kernel_init=init,
+        x = layers.Conv(layers.scale_width(ch, self.width), (3, 3),
+                        padding=1, kernel_init=init,
                         impl=self.conv_impl, name=f'block{s}_conv{i}')(x)
         x = layers.make_norm(self.norm, train, f'block{s}_bn{i}')(x)
         x = act(x)
@@ -65,7 +63,8 @@ class VGG(nn.Module):
       head = (4096, 4096) if min(x.shape[1:3]) >= 7 else (512, 512)
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate(head, 1):
-      x = nn.Dense(features, kernel_init=init, name=f'fc{i}')(x)
+      x = nn.Dense(layers.scale_width(features, self.width),
+                   kernel_init=init, name=f'fc{i}')(x)
       x = act(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=init,

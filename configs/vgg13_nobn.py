@@ -1,0 +1,13 @@
+r"""VGG13 without batch norm; otherwise the same run as vgg16_nobn.py.
+
+  python launch.py --config=configs/vgg13_nobn.py
+"""
+
+from configs import vgg16_nobn
+
+
+def get_config():
+  config = vgg16_nobn.get_config()
+  config.name = 'vgg13_nobn'
+  config.model.name = 'vgg13'
+  return config
