@@ -11,6 +11,7 @@ weight gradient is slow, where one im2col matmul is 2-3x faster. On GPU/TPU,
 and on CPU wherever XLA is fast, XLA's own convolution is used.
 """
 
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -156,7 +157,8 @@ def get_kernel_init(name: str, std: float = 0.01) -> Callable:
   check_choice('model.kernel_init', name, KERNEL_INITS)
   inits = nn.initializers
   if name in ('normal', 'truncated_normal'):
-    if not isinstance(std, (int, float)) or not std > 0:
+    if (not isinstance(std, (int, float)) or isinstance(std, bool)
+        or not math.isfinite(std) or not std > 0):
       raise ConfigError(f'model.init_std={std!r} is not allowed; it must be '
                         'a positive number')
     if name == 'truncated_normal':

@@ -65,7 +65,7 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> list[Row]:
     jax.eval_shape(lambda v, x: model.apply(
         v, x, train=True, mutable=True,
         rngs={'dropout': jax.random.key(0)}), variables, x)
-  names = metrics.layer_order(model, variables, jnp.zeros(x.shape, x.dtype))
+  names = metrics.layer_order(model, variables, x)
   rows = []
   for name in names:
     own = metrics.layer_params(variables['params'], name)
@@ -176,10 +176,17 @@ def _parse_knobs(items: Sequence[str], flag: str) -> dict:
     if not sep or not key:
       raise ConfigError(f'--{flag}={item!r} is not allowed; write '
                         'knob=value, e.g. --knob=norm=batch')
+    if key in ('name', 'num_classes'):
+      raise ConfigError(f'--{flag}={item!r} is not allowed; give the model '
+                        'as --model (or --compare) and the classes as '
+                        '--num_classes')
     try:
       knobs[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       knobs[key] = value  # A bare word such as relu.
+    except (TypeError, MemoryError, RecursionError):
+      raise ConfigError(f'--{flag}={item!r}: cannot read the value '
+                        f'{value!r}') from None
   return knobs
 
 
@@ -203,16 +210,23 @@ def _from_config(path: str, knobs: dict):
     raise ConfigError(f'config file {path} does not exist')
   spec = importlib.util.spec_from_file_location('_summary_config', path)
   module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, os.getcwd())
+  # Configs import their base as `configs.<name>`: the folder above
+  # configs/ must be importable wherever this runs from.
+  sys.path[:0] = [os.getcwd(), os.path.dirname(os.path.dirname(
+      os.path.abspath(path)))]
   try:
     spec.loader.exec_module(module)
     config = module.get_config()
+    model_cfg = {k: v for k, v in config.model.to_dict().items()
+                 if v is not None}
+    data = config.data
+    data.dataset, data.image_size  # Both needed below.
   except Exception as e:  # A broken config file: one line, not a traceback.
     raise ConfigError(f'config file {path} cannot be loaded: '
                       f'{type(e).__name__}: {e}') from None
-  model_cfg = {k: v for k, v in config.model.to_dict().items()
-               if v is not None}
-  data = config.data
+  if 'name' not in model_cfg:
+    raise ConfigError(f'config file {path} sets no model.name; it is not an '
+                      'experiment config')
   if data.dataset == 'synthetic':
     classes = data.get('synthetic_classes', 10)
     channels = tuple(data.get('synthetic_shape', (32, 32, 3)))[-1]

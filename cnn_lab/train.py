@@ -9,6 +9,7 @@ config leaves nothing behind.
 
 import datetime
 import functools
+import math
 import pathlib
 import time
 from typing import Any
@@ -166,7 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                       'integer')
   aux_loss_weight = config.train.get('aux_loss_weight', 0.3)
   if (not isinstance(aux_loss_weight, (int, float))
-      or isinstance(aux_loss_weight, bool) or not aux_loss_weight >= 0):
+      or isinstance(aux_loss_weight, bool) or not aux_loss_weight >= 0
+      or not math.isfinite(aux_loss_weight)):
     raise ConfigError(f'train.aux_loss_weight={aux_loss_weight!r} is not '
                       'allowed; it must be a number >= 0')
   workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
@@ -177,10 +179,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Model knobs and optimiser first: they need no data, and loading a
   # dataset takes seconds.
   model_cfg = config.model.to_dict()
-  models.create_model(**{**model_cfg,
-                         'num_classes': model_cfg.get('num_classes') or 1})
+  models.create_model(**{**model_cfg, 'num_classes': 1 if model_cfg.get(
+      'num_classes') is None else model_cfg['num_classes']})
   optim.make_optimizer(**config.optim, num_steps=1)
   check_positive('train.batch_size', config.train.batch_size, integer=True)
+  if config.train.get('num_steps') is not None:
+    check_positive('train.num_steps', config.train.num_steps, integer=True)
 
   datasets = data_lib.make_datasets(**config.data)
   if model_cfg.get('num_classes') is None:

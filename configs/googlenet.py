@@ -7,8 +7,8 @@ convolution) on Fashion-MNIST padded to 32x32, which keeps inception3 at
   python launch.py --config=configs/googlenet.py --config.model.width=0.25 \
       --config.train.num_steps=200    # a short CPU run
 
-Heavy for a CPU at full width (about 1.5 GFLOPs per 32x32 image); use the
-width multiplier there. The paper's version of every knob is
+Heavy for a CPU at full width (2.9 GFLOPs, 1.45 G multiply-adds, per 32x32
+image forward); use the width multiplier there. The paper's version of every knob is
 `--config.model.name=googlenet_paper` (no BN, 5x5 branch, auxiliary heads).
 """
 
@@ -31,7 +31,8 @@ def get_config() -> config_dict.ConfigDict:
   config.model.dropout_rate = 0.2  # Before the classifier (paper: 0.4).
   config.model.lrn = False  # The paper's two local response norms (stem).
   config.model.pool4 = 2  # Window of the pool before stage 5 (paper: 3).
-  config.model.kernel_init = 'truncated_normal'  # torchvision's, std 0.01.
+  config.model.aux_pool = 'adaptive'  # Aux heads' pool: adaptive or paper.
+  config.model.kernel_init = 'normal'  # torchvision's N(0, 0.01^2).
   config.model.init_std = 0.01  # Std of the (truncated) normal init.
   config.model.width = 1.0  # Channel multiplier.
   config.model.num_classes = config_dict.placeholder(int)  # None: dataset's.

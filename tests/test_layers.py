@@ -145,29 +145,41 @@ POOL_CASES = [
     ('max', *case) for case in POOL_CASES] + [
     ('avg', *case) for case in POOL_CASES if case[-1] == 'CEIL'])
 def test_pools_match_pytorch_rules(op, size, window, stride, padding):
+  expected_size = {(112, 'CEIL'): 56, (14, 'CEIL'): 7, (32, 'CEIL'): 16,
+                   (13, 'CEIL'): 6, (28, 1): 28, (56, 1): 28}
   x = np.asarray(jax.random.normal(jax.random.key(size), (2, size, size, 3)))
   ceil = padding == 'CEIL'
   pad = 0 if ceil else padding
   ref = _pool_reference(x, window, stride, op, ceil, pad)
   fn = layers.max_pool if op == 'max' else layers.avg_pool
-  np.testing.assert_allclose(fn(jnp.asarray(x), window, stride, padding),
-                             ref, rtol=1e-6, atol=1e-6)
+  out = fn(jnp.asarray(x), window, stride, padding)
+  assert out.shape[1:3] == (expected_size[size, padding],) * 2
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('size,out', [(14, 4), (7, 4), (6, 6), (13, 6),
-                                      (8, 4)])
-def test_adaptive_avg_pool_cells(size, out):
-  x = np.asarray(jax.random.normal(jax.random.key(0), (2, size, size + 1, 3)))
+@pytest.mark.parametrize('size,expected', [(54, 27), (27, 13), (13, 6),
+                                           (16, 8), (7, 3), (2, 1)])
+def test_ceil_mode_sizes(size, expected):
+  # PyTorch's ceil_mode for a 3x3/2 pool: ceil((n - 3) / 2) + 1, less one
+  # if the last window would start beyond the map (NiN: 54 -> 27 -> 13 -> 6).
+  x = jnp.zeros((1, size, size, 1))
+  assert layers.max_pool(x, 3, 2, 'CEIL').shape[1] == expected
+  assert layers.avg_pool(x, 3, 2, 'CEIL').shape[1] == expected
+
+
+@pytest.mark.parametrize('size,extra,out', [
+    (14, 1, 4), (7, 1, 4), (13, 1, 6), (8, 1, 4),  # uneven cells
+    (12, 0, 6), (16, 0, 4)])                        # the reshape path
+def test_adaptive_avg_pool_cells(size, extra, out):
+  x = np.asarray(jax.random.normal(jax.random.key(0),
+                                   (2, size, size + extra, 3)))
   ref = np.zeros((2, out, out, 3))
   for i in range(out):
     for j in range(out):
       r0, r1 = int(np.floor(i * size / out)), int(np.ceil((i + 1) * size / out))
-      c0, c1 = (int(np.floor(j * (size + 1) / out)),
-                int(np.ceil((j + 1) * (size + 1) / out)))
+      c0, c1 = (int(np.floor(j * (size + extra) / out)),
+                int(np.ceil((j + 1) * (size + extra) / out)))
       ref[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
-  if size == out:  # The identity at 224x224 (AlexNet's 6x6 map).
-    x = x[:, :, :size]
-    ref = x
   np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x), out),
                              ref, rtol=1e-5, atol=1e-6)
 

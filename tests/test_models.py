@@ -258,6 +258,7 @@ def test_inception_reduction_knob():
       models.create_model(name='googlenet'), (224, 224, 3)))
   rows_b = summary.group_rows(summary.summarize(
       models.create_model(name='googlenet_no_reduction'), (224, 224, 3)))
+  assert len(rows_a) == len(rows_b) == 3 + 9 + 1
   for a, b in zip(rows_a, rows_b):
     assert a.name == b.name and a.output_shape == b.output_shape
 
@@ -333,10 +334,16 @@ def test_width_halves_channels(name, layer, channels):
 def test_norm_knob_adds_batch_norm_per_convolution(name):
   with_bn = param_shapes(name, norm='batch')
   without = param_shapes(name, norm='none')
-  bn_scales = [k for k in with_bn if k.endswith("['scale']")]
-  convs = [k for k, v in with_bn.items() if k.endswith("['kernel']")
-           and len(v) == 4]
-  assert len(bn_scales) >= len(convs) > 0
+  convs = [k[:-len("['kernel']")] for k, v in with_bn.items()
+           if k.endswith("['kernel']") and len(v) == 4]
+  assert convs
+  for conv in convs:
+    # Its batch norm is the sibling named with 'bn' for the last 'conv'
+    # (conv1 -> bn1, block1_conv2 -> block1_bn2, .../conv -> .../bn), with
+    # one scale per output channel of the convolution.
+    head, _, tail = conv.rpartition('conv')
+    bn = f'{head}bn{tail}'
+    assert with_bn[f"{bn}['scale']"] == (with_bn[f"{conv}['kernel']"][-1],)
   assert not any(k.endswith("['scale']") for k in without)
 
 
@@ -392,10 +399,11 @@ def test_train_and_eval_modes_and_one_finite_step(name):
   out_b, _ = run['train_apply'](variables, jax.random.key(3))
   has_dropout = getattr(run['model'], 'dropout_rate', 0) > 0
   assert np.allclose(out_a, out_b) != has_dropout  # Dropout masks differ.
-  # Batch norm: training normalises with the batch's statistics, so its
-  # output differs from evaluation's (moving averages start at 0 and 1),
-  # and it moves the moving averages.
-  assert not np.allclose(out_a, evaluate(variables, x), atol=1e-4)
+  # Batch norm: training normalises with the batch's statistics, so
+  # without dropout its output still differs from evaluation's (moving
+  # averages start at 0 and 1); and it moves the moving averages.
+  if not has_dropout:
+    assert not np.allclose(out_a, evaluate(variables, x), atol=1e-4)
   moved = jax.tree.map(lambda a, b: not np.allclose(a, b),
                        new_a['batch_stats'], variables['batch_stats'])
   assert all(jax.tree.leaves(moved))
@@ -431,6 +439,9 @@ def test_auxiliary_heads_only_in_training_with_weighted_loss():
       run['evaluate'](variables, x),
       jax.jit(functools.partial(plain.apply, train=False))(shared, x),
       rtol=1e-5, atol=1e-6)
+  _, sown = jax.eval_shape(lambda v: run['model'].apply(
+      v, x, train=False, mutable=['aux_logits']), variables)
+  assert 'aux_logits' not in sown
   # Training: two auxiliary logits, their cross-entropy added with weight
   # 0.3, checked against the step's own dropout key (the auxiliary heads
   # drop 70% of their units).

@@ -89,6 +89,14 @@ def test_cli_compare_reductions():
     (['--model=vgg16', '--input_shape=28,28,1'], 'data.image_size=28'),
     (['--config=configs/nope.py'], 'does not exist'),
     ([], 'exactly one of'),
+    (['--model=resnet20', '--knob=name=vgg11'], '--num_classes'),
+    (['--model=resnet20', '--knob=num_classes=3'], '--num_classes'),
+    (['--model=alexnet', '--knob=head_features=4096'], 'model.head_features'),
+    (['--model=alexnet', '--knob=head_features=None'], 'model.head_features'),
+    (['--model=resnet20', '--knob=width={[1]:2}'], 'cannot read'),
+    (['--config=configs/base.py'], 'sets no model.name'),
+    (['--model=lenet5', '--knob=kernel_init=normal', '--knob=init_std=1e999'],
+     'model.init_std=inf'),
 ])
 def test_cli_bad_input(args, message):
   proc = cli(*args)

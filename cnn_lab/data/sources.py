@@ -96,16 +96,21 @@ def _prepared_builder(name: str, data_dir: pathlib.Path):
   return builder
 
 
-def describe_tfds(name: str, data_dir: pathlib.Path | None = None
-                  ) -> tuple[int, int]:
-  """(number of classes, image channels) of TFDS dataset `name`, from its
-  static metadata: nothing is downloaded or loaded."""
-  builder = _builder(name, pathlib.Path(data_dir or default_data_dir()))
+def _classification_features(name: str, builder):
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
     raise ConfigError(
         f'data.dataset={name!r} has no image/label features; cnn_lab trains '
         'image classifiers')
+  return features
+
+
+def describe_tfds(name: str, data_dir: pathlib.Path | None = None
+                  ) -> tuple[int, int]:
+  """(number of classes, image channels) of TFDS dataset `name`, from its
+  static metadata: nothing is downloaded or loaded."""
+  builder = _builder(name, pathlib.Path(data_dir or default_data_dir()))
+  features = _classification_features(name, builder)
   shape = features['image'].shape
   return int(features['label'].num_classes), int(shape[-1]) if len(
       shape) == 3 else 1
@@ -116,11 +121,7 @@ def load_tfds(name: str, data_dir: pathlib.Path | None = None
   """Loads the train and test splits of TFDS dataset `name` into memory."""
   import tensorflow_datasets as tfds
   builder = _prepared_builder(name, pathlib.Path(data_dir or default_data_dir()))
-  features = builder.info.features
-  if 'image' not in features or 'label' not in features:
-    raise ConfigError(
-        f'data.dataset={name!r} has no image/label features; cnn_lab trains '
-        'image classifiers')
+  features = _classification_features(name, builder)
   splits = []
   for split in ('train', 'test'):
     if split not in builder.info.splits:

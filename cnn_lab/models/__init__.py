@@ -27,8 +27,8 @@ MODELS = {
     'googlenet_no_reduction': P(googlenet.GoogLeNet, reduction=False),
     'googlenet_paper': P(
         googlenet.GoogLeNet, norm='none', branch5='5x5', pool4=3,
-        dropout_rate=0.4, lrn=True, aux_heads=True,
-        kernel_init='glorot_uniform'),
+        aux_pool='paper', dropout_rate=0.4, lrn=True, aux_heads=True,
+        kernel_init='lecun_uniform'),
     # ImageNet ResNets; 'resnet' takes `depth` as a knob.
     'resnet': resnet.ResNet,
     # CIFAR ResNets of depth 6n+2; 'cifar_resnet' takes `depth` as a knob.
@@ -110,9 +110,15 @@ def create_model(*, name: str, **knobs) -> nn.Module:
     if not math.isfinite(rate) or not 0 <= rate < 1:
       raise ConfigError(f'model.dropout_rate={rate!r} is not allowed; it '
                         'must be in [0, 1)')
-  if values.get('head_features') is not None:
-    for f in values['head_features']:
-      check_positive('model.head_features[]', f, integer=True)
+  if 'head_features' in values and not (
+      values['head_features'] is None and allowed['head_features'] is None):
+    features = values['head_features']
+    if not isinstance(features, (tuple, list)) or any(
+        isinstance(f, bool) or not isinstance(f, int) or f <= 0
+        for f in features):
+      raise ConfigError(f'model.head_features={features!r} is not allowed; '
+                        'it must be a tuple of positive integers, e.g. '
+                        '(4096, 4096)')
   for field, choices in getattr(cls, 'knob_choices', {}).items():
     if field in values:
       check_choice(f'model.{field}', values[field], choices)

@@ -12,13 +12,17 @@ auxiliary heads), and torchvision departs from the paper in four ways:
 batch norm after every convolution (whose bias it drops; eps 1e-3), a 3x3
 kernel in the "5x5" branch (a bug kept for its pretrained weights), a 2x2/2
 max-pool before stage 5 (the paper's is 3x3/2; the output shape is the same),
-and dropout 0.2 (the paper's is 0.4); it also drops the two local response
-normalisations of the stem. The default `googlenet` follows torchvision so
-that its layer shapes and parameter count are those of the implementation
-people compare against; `googlenet_paper` sets every knob to the paper:
-`norm='none'`, `branch5='5x5'`, `pool4=3`, `dropout_rate=0.4`, `lrn=True`,
-`aux_heads=True`, and Glorot initialisation (that of the BVLC Caffe
-reproduction; the paper does not give its own).
+dropout 0.2 (the paper's is 0.4), and an adaptive 4x4 average pool in the
+auxiliary heads (the paper's is 5x5/3, the same 4x4 output at 14x14 from
+different windows); it also drops the two local response normalisations of
+the stem. The default `googlenet` follows torchvision so that its layer
+shapes and parameter count are those of the implementation people compare
+against, including its initialisation (N(0, 0.01^2); its bounds of +-2 cut
+nothing at that std). `googlenet_paper` sets every knob to the paper:
+`norm='none'`, `branch5='5x5'`, `pool4=3`, `aux_pool='paper'`,
+`dropout_rate=0.4`, `lrn=True`, `aux_heads=True`; the paper gives no
+initialisation, so it takes that of the BVLC Caffe reproduction (Caffe's
+"xavier" filler, U(+-sqrt(3/fan_in)), i.e. `lecun_uniform`).
 
 Knobs: `reduction=False` removes the 1x1 reductions before the 3x3 and 5x5
 branches (the "naive" module of Fig. 2a, with the pooling projection kept so
@@ -33,9 +37,11 @@ average pooling (Sec. 5 reports the pooling head 0.6% better in top-1);
 `norm='batch'` / `'none'`.
 
 Small inputs (below 64x64): the stem keeps its three convolutions (3x3/1,
-1x1, 3x3/1) but drops the stride and both pools, so inception3 runs at the
-input resolution (32 -> 16 -> 8 through stages 3-5, as in the usual CIFAR
-GoogLeNet).
+1x1, 3x3/1; `lrn` still follows the first and third) but drops the stride
+and both pools, so inception3 runs at the input resolution (32 -> 16 -> 8
+through stages 3-5, as in the usual CIFAR GoogLeNet). The auxiliary heads'
+paper pool (5x5/3) needs a map of at least 5x5; on smaller ones (64x64
+input) they pool adaptively to 4x4 as torchvision does.
 """
 
 from typing import Callable
@@ -118,11 +124,15 @@ class AuxHead(nn.Module):
   conv: Callable
   activation: str
   kernel_init: Callable
+  pool: str = 'adaptive'
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     act = layers.get_activation(self.activation)
-    x = layers.adaptive_avg_pool(x, 4)  # The paper's 5x5/3 pool at 14x14.
+    if self.pool == 'paper' and min(x.shape[1:3]) >= 5:
+      x = layers.avg_pool(x, 5, 3)  # 14x14 -> 4x4 (Sec. 5).
+    else:
+      x = layers.adaptive_avg_pool(x, 4)  # torchvision's.
     x = self.conv(layers.scale_width(128, self.width), 1, name='conv')(
         x, train=train)
     x = x.reshape(x.shape[0], -1)
@@ -147,13 +157,14 @@ class GoogLeNet(nn.Module):
   dropout_rate: float = 0.2
   lrn: bool = False
   pool4: int = 2  # Window of the max-pool before stage 5 (paper: 3).
-  kernel_init: str = 'truncated_normal'
-  init_std: float = 0.01  # torchvision's truncated N(0, 0.01^2).
+  aux_pool: str = 'adaptive'  # Auxiliary heads: 'adaptive' or 'paper'.
+  kernel_init: str = 'normal'
+  init_std: float = 0.01  # torchvision's N(0, 0.01^2).
   width: float = 1.0
   conv_impl: str = 'auto'
 
   knob_choices = {'branch5': ('5x5', '3x3', '3x3x2'), 'head': ('gap', 'fc'),
-                  'pool4': (2, 3)}
+                  'pool4': (2, 3), 'aux_pool': ('adaptive', 'paper')}
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -171,13 +182,13 @@ class GoogLeNet(nn.Module):
     else:
       x = conv(w(64), 7, stride=2, name='conv1')(x, train=train)
       x = layers.max_pool(x, 3, 2, padding='CEIL')
-      if self.lrn:
-        x = layers.local_response_norm(x)
+    if self.lrn:
+      x = layers.local_response_norm(x)
     x = conv(w(64), 1, name='conv2')(x, train=train)
     x = conv(w(192), 3, name='conv3')(x, train=train)
+    if self.lrn:
+      x = layers.local_response_norm(x)
     if not small:
-      if self.lrn:
-        x = layers.local_response_norm(x)
       x = layers.max_pool(x, 3, 2, padding='CEIL')
 
     def inception(name, x):
@@ -189,7 +200,7 @@ class GoogLeNet(nn.Module):
       # Built at init so that the parameters exist; run in training only.
       if train or self.is_initializing():
         AuxHead(self.num_classes, self.width, conv, self.activation, init,
-                name=name)(x, train=train)
+                self.aux_pool, name=name)(x, train=train)
 
     x = inception('3b', inception('3a', x))
     x = layers.max_pool(x, 3, 2, padding='CEIL')

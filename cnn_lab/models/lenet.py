@@ -8,15 +8,17 @@ inputs the first convolution pads by 2 instead, so both give the same
 5x5x16 map before C5 and the same 61,706 parameters for 10 classes.
 
 Two forms, as knobs of one module:
-- classic (the default, as in the paper): `activation='tanh'` (the paper's
-  squashing function is a scaled tanh) and `pool='avg'` (its subsampling
-  layers average 2x2 blocks);
+- classic (the default, as in the paper): `activation='tanh'` and
+  `pool='avg'` (its subsampling layers average 2x2 blocks);
 - modern: `activation='relu'`, `pool='max'`.
-Departures from the paper, the usual ones: C3 connects to all six S2 maps
-(the paper's Table I connects each C3 map to a subset), the subsampling
-layers have no trainable coefficient and bias, and the output is a dense
-layer trained with softmax cross-entropy rather than Euclidean RBF units.
-`kernel_init='lecun_uniform'` is closest to the paper's U(-2.4/F, 2.4/F).
+Departures from the paper, the usual ones: plain tanh rather than the
+paper's scaled 1.7159 tanh(2a/3); C3 connects to all six S2 maps (the
+paper's Table I connects each C3 map to a subset); the subsampling layers
+have no trainable coefficient and bias and no squashing of their own; the
+output is a dense layer trained with softmax cross-entropy rather than
+Euclidean RBF units. The paper draws weights from U(-2.4/F, 2.4/F) (F the
+fan-in); the default `kernel_init='lecun_uniform'` is the same fan-in rule
+with a wider bound, U(-sqrt(3/F), sqrt(3/F)), which keeps unit variance.
 `norm='batch'` puts batch norm between each convolution or hidden dense layer
 and its activation (not in the paper). Inputs of 64x64 and more keep the
 same layers; the map before C5 is then larger and C5 has more inputs.

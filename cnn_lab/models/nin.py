@@ -13,8 +13,8 @@ pool, dropout; mlpconv 192(3x3)-192-classes, global average pool. At 32x32x3
 and 10 classes it has 966,986 parameters. Pools use Caffe's ceil mode, as
 the authors' code does (32 -> 16 -> 8; 224 -> 54 -> 27 -> 13 -> 6).
 
-64x64 and up: the ImageNet NiN of the Caffe model zoo (also the one in
-"Dive into Deep Learning"): mlpconv 96(11x11/4)-96-96, 256(5x5)-256-256,
+64x64 and up: the ImageNet NiN of the Caffe model zoo (D2L's NiN is a
+smaller variant of it): mlpconv 96(11x11/4)-96-96, 256(5x5)-256-256,
 384(3x3)-384-384, each followed by a 3x3/2 max-pool, dropout, then
 mlpconv 1024(3x3)-1024-classes and global average pooling.
 
