@@ -82,6 +82,46 @@ def compute_grad_stats(grads, names: Sequence[str]) -> dict[str, jax.Array]:
   return stats
 
 
+# Per-layer keys of metrics.jsonl, in the order they are written.
+LAYER_STATS = ('grad_norm', 'grad_mean_abs', 'grad_max_abs', 'param_norm',
+               'update_ratio')
+
+
+def _layer_leaves(tree, name: str) -> list[jax.Array]:
+  return [x.astype(jnp.float32)
+          for x in jax.tree.leaves(layer_params(tree, name))]
+
+
+def compute_layer_stats(grads, params, new_params,
+                        names: Sequence[str]) -> dict[str, jax.Array]:
+  """Per-layer statistics of one step, over the arrays each layer owns
+  (kernel and bias; a batch norm's scale and shift):
+
+  - `grad_mean_abs/<layer>`: mean of |g| over all its entries;
+  - `grad_max_abs/<layer>`: max of |g|;
+  - `param_norm/<layer>`: L2 norm of the parameters before the step;
+  - `update_ratio/<layer>`: ||new - old|| / ||old||, the optimiser's actual
+    update (momentum, weight decay, clipping and schedule included) relative
+    to the weights.
+  """
+  stats = {}
+  for name in names:
+    g = _layer_leaves(grads, name)
+    old = _layer_leaves(params, name)
+    new = _layer_leaves(new_params, name)
+    size = sum(x.size for x in g)
+    stats[f'grad_mean_abs/{name}'] = sum(jnp.sum(jnp.abs(x)) for x in g) / size
+    stats[f'grad_max_abs/{name}'] = jnp.max(jnp.stack(
+        [jnp.max(jnp.abs(x)) for x in g]))
+    old_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in old))
+    step_norm = jnp.sqrt(sum(jnp.sum(jnp.square(b - a))
+                             for a, b in zip(old, new)))
+    stats[f'param_norm/{name}'] = old_norm
+    # A layer whose weights are all zero has no meaningful ratio.
+    stats[f'update_ratio/{name}'] = step_norm / jnp.maximum(old_norm, 1e-12)
+  return stats
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example softmax cross-entropy with integer labels (float32)."""
   logits = logits.astype(jnp.float32)

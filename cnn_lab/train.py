@@ -93,6 +93,8 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
       'train/accuracy': metrics_lib.accuracy(logits, batch['label']).mean(),
       'train/learning_rate': schedule(state.step),
       **metrics_lib.compute_grad_stats(grads, layer_names),
+      **metrics_lib.compute_layer_stats(grads, state.params,
+                                        new_state.params, layer_names),
   }
   if aux_loss is not None:  # The model has auxiliary heads.
     scalars['train/aux_loss'] = aux_loss
@@ -218,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   key_order = ['train/loss', 'train/aux_loss', 'train/accuracy',
                'train/learning_rate',
                'eval/loss', 'eval/accuracy', 'grad_norm/global'] + [
-                   f'grad_norm/{n}' for n in layer_names]
+                   f'{stat}/{n}' for stat in metrics_lib.LAYER_STATS
+                   for n in layer_names]
   writer = writers.MetricsWriter(workdir, key_order)
 
   # --- Compile the steps. ---

@@ -79,3 +79,60 @@ def test_train_step_grad_norms_match_hand_computation():
                              np.hypot(norm_alpha, norm_zeta), rtol=1e-5)
   assert {k for k in scalars if k.startswith('grad_norm/')} == {
       'grad_norm/global', 'grad_norm/zeta', 'grad_norm/alpha'}
+
+
+def _hand_grads(params, x, labels):
+  """Gradients of TwoLayer's mean cross-entropy, in float64 numpy."""
+  w1, b1 = params['zeta']['kernel'], params['zeta']['bias']
+  w2, b2 = params['alpha']['kernel'], params['alpha']['bias']
+  pre = x @ w1 + b1
+  h = np.maximum(pre, 0)
+  logits = h @ w2 + b2
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  dlogits = (p - np.eye(3)[labels]) / len(x)
+  dpre = (dlogits @ w2.T) * (pre > 0)
+  return {'zeta': {'kernel': x.T @ dpre, 'bias': dpre.sum(0)},
+          'alpha': {'kernel': h.T @ dlogits, 'bias': dlogits.sum(0)}}
+
+
+def test_layer_stats_and_update_ratio_under_sgd_momentum():
+  """Two steps of SGD with momentum 0.9: the second update is
+  -lr * (g2 + 0.9 * g1), so its ratio to the weights depends on both."""
+  model = TwoLayer()
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(6, 5)).astype(np.float32)
+  labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  lr, mom = 0.5, 0.9
+  state = train.create_train_state(model, optax.sgd(lr, momentum=mom), (5,),
+                                   jax.random.key(0))
+  batch = {'image': jnp.asarray(x), 'label': jnp.asarray(labels)}
+  step = jax.jit(lambda s: train.train_step(
+      s, batch, jax.random.key(1), layer_names=('zeta', 'alpha'),
+      schedule=optax.constant_schedule(lr)))
+
+  p0 = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                    jax.device_get(state.params))
+  g1 = _hand_grads(p0, x.astype(np.float64), labels)
+  p1 = jax.tree.map(lambda p, g: p - lr * g, p0, g1)
+  g2 = _hand_grads(p1, x.astype(np.float64), labels)
+  p2 = jax.tree.map(lambda p, a, b: p - lr * (b + mom * a), p1, g1, g2)
+
+  state, _ = step(state)
+  _, scalars = step(state)
+  for layer in ('zeta', 'alpha'):
+    g = np.concatenate([g2[layer]['kernel'].ravel(), g2[layer]['bias']])
+    old = np.concatenate([p1[layer]['kernel'].ravel(), p1[layer]['bias']])
+    new = np.concatenate([p2[layer]['kernel'].ravel(), p2[layer]['bias']])
+    np.testing.assert_allclose(scalars[f'grad_mean_abs/{layer}'],
+                               np.abs(g).mean(), rtol=1e-4)
+    np.testing.assert_allclose(scalars[f'grad_max_abs/{layer}'],
+                               np.abs(g).max(), rtol=1e-4)
+    np.testing.assert_allclose(scalars[f'param_norm/{layer}'],
+                               np.linalg.norm(old), rtol=1e-5)
+    ratio = np.linalg.norm(new - old) / np.linalg.norm(old)
+    np.testing.assert_allclose(scalars[f'update_ratio/{layer}'], ratio,
+                               rtol=1e-3)
+    # Without momentum's memory of g1 the ratio would differ.
+    assert not np.isclose(ratio, lr * np.linalg.norm(g) /
+                          np.linalg.norm(old), rtol=1e-2)
