@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cnn_lab import layers, metrics, models  # noqa: E402
+from cnn_lab import metrics, models  # noqa: E402
 from cnn_lab.errors import ConfigError  # noqa: E402
 
 
@@ -204,7 +204,6 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 def _from_config(path: str, knobs: dict):
   """(model, input shape, title) of a config file's model."""
   from cnn_lab.data import sources
-  from ml_collections import config_flags  # noqa: F401 (loads configs)
   import importlib.util
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path} does not exist')

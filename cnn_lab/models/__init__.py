@@ -64,8 +64,6 @@ def knobs_of(name: str) -> dict:
     if f.name in ('parent', 'name') or (f.name in IDENTITY_FIELDS
                                         and f.name in preset):
       continue
-    if f.name == 'stages':
-      continue
     knobs[f.name] = preset.get(f.name, f.default)
   return knobs
 
