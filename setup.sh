@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up for a fresh Debian machine with Python 3.11:
-#  1. Debian's dataset-fashion-mnist package (the offline default dataset);
+#  1. Debian's dataset-fashion-mnist package (the offline default dataset)
+#     and chromium (the report test renders HTML in headless Chromium);
 #  2. a virtualenv in .venv with cnn_lab and its pinned dependencies;
 #  3. TFDS's fashion_mnist prepared from Debian's files, checksums verified.
 # Re-running it when all is done takes a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if ! dpkg-query -W -f='${Status}' dataset-fashion-mnist 2>/dev/null \
-    | grep -q 'install ok installed'; then
-  echo '[setup] installing Debian package dataset-fashion-mnist'
+# Debian packages: the offline dataset, and Chromium for the test that
+# renders the HTML report headless. One apt-get run, only for what is missing.
+missing=''
+for pkg in dataset-fashion-mnist chromium; do
+  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null \
+      | grep -q 'install ok installed'; then
+    missing="$missing $pkg"
+  fi
+done
+if [ -n "$missing" ]; then
+  echo "[setup] installing Debian package(s):$missing"
   sudo=''
   [ "$(id -u)" = 0 ] || sudo='sudo'
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
-    dataset-fashion-mnist >/dev/null
+  # shellcheck disable=SC2086  # One word per package.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing \
+    >/dev/null
 fi
 
 python=${PYTHON:-python3}

@@ -151,6 +151,36 @@ def get_activation(name: str) -> Callable[[Array], Array]:
   return ACTIVATIONS[name]
 
 
+# Variable collections that `Activation` fills when the caller makes them
+# mutable (cnn_lab.train does; inference and `init` leave them alone, so the
+# statistics cost nothing there).
+ACTIVATION_STATS = 'activation_stats'  # A few scalars per site.
+ACTIVATION_VALUES = 'activations'  # The whole tensor (histograms).
+
+
+class Activation(nn.Module):
+  """An activation function, and a named site where cnn_lab watches the
+  network's activations (`metrics.activation_stats`): every model applies
+  its nonlinearity through this module, named after the layer it follows
+  (`block1_act1`, `stage1_block1/act_out`). It holds no parameters."""
+  kind: str = 'relu'
+
+  def __call__(self, x: Array) -> Array:
+    y = get_activation(self.kind)(x)
+    if self.is_initializing():
+      return y
+    if self.is_mutable_collection(ACTIVATION_STATS):
+      # Inside a jitted step these are reductions of a tensor it already
+      # holds; stop_gradient keeps them out of the backward pass.
+      from cnn_lab import metrics  # metrics imports nothing of cnn_lab.
+      stats = metrics.activation_stats(lax.stop_gradient(y), self.kind)
+      for key, value in stats.items():
+        self.put_variable(ACTIVATION_STATS, key, value)
+    if self.is_mutable_collection(ACTIVATION_VALUES):
+      self.put_variable(ACTIVATION_VALUES, 'value', lax.stop_gradient(y))
+    return y
+
+
 def get_kernel_init(name: str, std: float = 0.01) -> Callable:
   """He (Kaiming), Glorot (Xavier), LeCun (all with fan-in of the forward
   map), N(0, std^2), or a normal of std `std` truncated at 2 std."""
@@ -174,12 +204,17 @@ def get_kernel_init(name: str, std: float = 0.01) -> Callable:
   }[name]
 
 
+# Weight of the old value in batch norm's moving averages:
+# running = BN_MOMENTUM * running + (1 - BN_MOMENTUM) * batch.
+BN_MOMENTUM = 0.9
+
+
 def make_norm(norm: str, train: bool, name: str,
               epsilon: float = 1e-5) -> Callable[[Array], Array]:
   """Batch norm over (N, H, W) per channel, with a learnable scale and shift;
   batch statistics in training, moving averages in evaluation."""
   if norm == 'batch':
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                         epsilon=epsilon, name=name)
   return lambda x: x
 

@@ -30,13 +30,14 @@ def _owners(params) -> dict[str, tuple[str, ...]]:
   return owners
 
 
-def layer_order(model: nn.Module, variables, sample_input) -> list[str]:
-  """Names of the parameterised layers of `model`, in forward order."""
+def _forward_calls(model: nn.Module, variables, sample_input):
+  """(path, module) of every module call of a training forward pass, in
+  call order."""
   called = []
 
   def record(next_fun, args, kwargs, context):
     if context.method_name == '__call__':
-      called.append('/'.join(context.module.path))
+      called.append(('/'.join(context.module.path), context.module))
     return next_fun(*args, **kwargs)
 
   # Training mode, so that layers used only in training (GoogLeNet's
@@ -46,10 +47,29 @@ def layer_order(model: nn.Module, variables, sample_input) -> list[str]:
         lambda v, x: model.apply(v, x, train=True, mutable=True,
                                  rngs={'dropout': jax.random.key(0)}),
         variables, sample_input)
+  return called
+
+
+def layer_order(model: nn.Module, variables, sample_input) -> list[str]:
+  """Names of the parameterised layers of `model`, in forward order."""
+  called = [path for path, _ in _forward_calls(model, variables,
+                                                 sample_input)]
   owners = _owners(variables['params'])
   ordered = [name for name in dict.fromkeys(called) if name in owners]
   # Parameters used outside a module's __call__ (none in the zoo) go last.
   return ordered + sorted(set(owners) - set(ordered))
+
+
+def activation_sites(model: nn.Module, variables,
+                     sample_input) -> list[tuple[str, str]]:
+  """(name, kind) of every `layers.Activation` of `model`, in forward order,
+  e.g. ('block1_act1', 'relu')."""
+  from cnn_lab import layers  # layers imports this module lazily.
+  sites = {}
+  for path, module in _forward_calls(model, variables, sample_input):
+    if isinstance(module, layers.Activation):
+      sites.setdefault(path, module.kind)
+  return list(sites.items())
 
 
 def layer_params(tree, name: str) -> dict:
@@ -57,6 +77,14 @@ def layer_params(tree, name: str) -> dict:
   for key in name.split('/') if name else ():
     tree = tree[key]
   return {k: v for k, v in tree.items() if not isinstance(v, dict)}
+
+
+def _has_path(tree, name: str) -> bool:
+  for key in name.split('/'):
+    if not isinstance(tree, dict) or key not in tree:
+      return False
+    tree = tree[key]
+  return True
 
 
 def layer_l2_norms(tree, names: Sequence[str]) -> dict[str, jax.Array]:
@@ -120,6 +148,97 @@ def compute_layer_stats(grads, params, new_params,
     # A layer whose weights are all zero has no meaningful ratio.
     stats[f'update_ratio/{name}'] = step_norm / jnp.maximum(old_norm, 1e-12)
   return stats
+
+
+# An activation is saturated where its derivative has fallen below this
+# fraction of the derivative's maximum: for tanh (y = tanh x, y' = 1 - y^2,
+# at most 1) where y^2 > 0.9, |y| > 0.949, |x| > 1.82; for the sigmoid
+# (y' = y(1 - y), at most 1/4) where (2y - 1)^2 > 0.9, i.e. y < 0.026 or
+# y > 0.974, |x| > 3.64. The backward pass multiplies the gradient by y'
+# there, so saturated units pass on less than a tenth of it.
+SATURATION_DERIVATIVE_FRACTION = 0.1
+
+
+def activation_stats(y: jax.Array, kind: str) -> dict[str, jax.Array]:
+  """Statistics of one activation tensor `y` (N, ..., C) over the batch:
+
+  - `mean`, `std`: over all its entries;
+  - `saturated` (tanh and sigmoid): the fraction of entries in the saturated
+    region (SATURATION_DERIVATIVE_FRACTION);
+  - `dead` (ReLU): the fraction of units (channels: a convolution's filter
+    over every position, or a dense layer's neuron) that are zero for every
+    example of the batch, i.e. pass no gradient at all on it.
+  """
+  y = y.astype(jnp.float32)
+  stats = {'mean': jnp.mean(y), 'std': jnp.std(y)}
+  if kind in ('tanh', 'sigmoid'):
+    s = y if kind == 'tanh' else 2 * y - 1  # Both: derivative ∝ 1 - s^2.
+    stats['saturated'] = jnp.mean(
+        (jnp.square(s) > 1 - SATURATION_DERIVATIVE_FRACTION).astype(
+            jnp.float32))
+  elif kind == 'relu':
+    per_unit_max = jnp.max(y, axis=tuple(range(y.ndim - 1)))
+    stats['dead'] = jnp.mean((per_unit_max <= 0).astype(jnp.float32))
+  return stats
+
+
+ACTIVATION_STATS = ('act_mean', 'act_std', 'act_saturated', 'act_dead')
+
+
+def collect_activation_stats(collection, sites) -> dict[str, jax.Array]:
+  """`act_<stat>/<site>` from the 'activation_stats' collection the model
+  filled (`layers.Activation`), for `sites` = [(name, kind), ...]."""
+  stats = {}
+  for name, _ in sites:
+    tree = collection
+    for key in name.split('/'):
+      tree = tree[key]
+    for stat, value in tree.items():
+      stats[f'act_{stat}/{name}'] = value
+  return stats
+
+
+def bn_gap_stats(old_stats, new_stats, names: Sequence[str],
+                 momentum: float, epsilon: float = 1e-5
+                 ) -> dict[str, jax.Array]:
+  """How far each batch-norm layer's running statistics are from the
+  current batch's, per channel c, averaged over channels:
+
+  - `bn_mean_gap/<layer>`: |batch mean - running mean| / running std;
+  - `bn_var_gap/<layer>`: |batch var - running var| / running var.
+
+  The running values are those before the step (the ones evaluation would
+  use). The batch values are recovered exactly from the moving-average
+  update, new = m * old + (1 - m) * batch, so the step computes nothing
+  over the activations for them.
+  """
+  stats = {}
+  for name in names:
+    if not _has_path(old_stats, name):  # Not a batch-norm layer.
+      continue
+    old, new = layer_params(old_stats, name), layer_params(new_stats, name)
+    run_mean, run_var = (old['mean'].astype(jnp.float32),
+                         old['var'].astype(jnp.float32))
+    batch_mean = (new['mean'] - momentum * run_mean) / (1 - momentum)
+    batch_var = (new['var'] - momentum * run_var) / (1 - momentum)
+    stats[f'bn_mean_gap/{name}'] = jnp.mean(
+        jnp.abs(batch_mean - run_mean) / jnp.sqrt(run_var + epsilon))
+    stats[f'bn_var_gap/{name}'] = jnp.mean(
+        jnp.abs(batch_var - run_var) / (run_var + epsilon))
+  return stats
+
+
+BN_STATS = ('bn_mean_gap', 'bn_var_gap')
+
+
+def first_nonfinite(grad_norms: Sequence[jax.Array]) -> jax.Array:
+  """Index of the first non-finite value of `grad_norms` (per layer, in
+  forward order), or -1 when all are finite. A layer's L2 norm is finite
+  exactly when every entry of its gradient is (or it overflowed float32)."""
+  if not grad_norms:
+    return jnp.int32(-1)
+  bad = ~jnp.isfinite(jnp.stack(grad_norms))
+  return jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,14 +23,17 @@ from flax.training import train_state
 
 from cnn_lab import data as data_lib
 from cnn_lab import metrics as metrics_lib
-from cnn_lab import models, optim, plots, writers
+from cnn_lab import layers, models, optim, plots, writers
 from cnn_lab.errors import ConfigError, check_positive
 
 
 class TrainState(train_state.TrainState):
   """Parameters, optimiser state and step, plus batch-norm statistics
-  (an empty dict for models without batch norm: one code path for all)."""
+  (an empty dict for models without batch norm: one code path for all) and
+  where the first non-finite gradient appeared: [step, layer index in
+  forward order], [-1, -1] while every gradient has been finite."""
   batch_stats: Any = flax.core.FrozenDict()
+  first_nonfinite: jax.Array = None
 
 
 def steps_from_epochs(num_epochs: float, num_examples: int,
@@ -47,7 +51,8 @@ def create_train_state(model, tx, image_shape, key) -> TrainState:
         key, jnp.zeros((1, *image_shape), jnp.float32))
   return TrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
-      batch_stats=variables.get('batch_stats', {}))
+      batch_stats=variables.get('batch_stats', {}),
+      first_nonfinite=jnp.full((2,), -1, jnp.int32))
 
 
 def _variables(state: TrainState, params) -> dict:
@@ -56,49 +61,140 @@ def _variables(state: TrainState, params) -> dict:
   return {'params': params}
 
 
-def train_step(state: TrainState, batch, dropout_key, *, layer_names,
-               schedule, aux_loss_weight: float = 0.3):
-  """One SGD step; returns the new state and a flat dict of scalar metrics.
+def _loss_and_grads(state: TrainState, batch, key, aux_loss_weight: float,
+                    collections=()):
+  """Gradients of the training objective, and what the forward pass left
+  in the mutable `collections` (besides batch stats and auxiliary logits).
 
   Models with auxiliary classifiers (GoogLeNet's `aux_heads`) sow their
   logits into the 'aux_logits' collection in training; their cross-entropy,
-  times `aux_loss_weight`, is added to the objective and logged as
-  `train/aux_loss`, while `train/loss` stays the main classifier's loss so
-  that runs with and without auxiliary heads compare directly.
+  times `aux_loss_weight`, is added to the objective and returned as
+  `aux_loss`, while `loss` stays the main classifier's loss so that runs
+  with and without auxiliary heads compare directly.
+  """
+  mutable = ['aux_logits', *collections] + (
+      ['batch_stats'] if state.batch_stats else [])
+
+  def loss_fn(params):
+    logits, new_vars = state.apply_fn(
+        _variables(state, params), batch['image'], train=True,
+        rngs={'dropout': key}, mutable=mutable)
+    loss = metrics_lib.cross_entropy(logits, batch['label']).mean()
+    aux_logits = jax.tree.leaves(new_vars.get('aux_logits', {}))
+    aux_loss = None
+    objective = loss
+    if aux_logits:
+      aux_loss = aux_loss_weight * sum(
+          metrics_lib.cross_entropy(a, batch['label']).mean()
+          for a in aux_logits)
+      objective = loss + aux_loss
+    return objective, (loss, aux_loss, logits, new_vars)
+
+  (_, (loss, aux_loss, logits, new_vars)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  return loss, aux_loss, logits, new_vars, grads
+
+
+def train_step(state: TrainState, batch, dropout_key, *, layer_names,
+               schedule, activation_sites=(), aux_loss_weight: float = 0.3,
+               layer_stats: bool = True):
+  """One optimiser step; returns the new state and a flat dict of scalars.
+
+  With `layer_stats`, the scalars include every per-layer statistic of
+  `metrics` (gradients, weights, updates, activations, batch norm): all
+  reductions of tensors the step computes anyway. The first non-finite
+  gradient (step and layer) is recorded in the state either way.
   """
   # A fresh dropout mask every step, derived from the step number so that a
   # resumed run draws the same masks as an uninterrupted one.
   key = jax.random.fold_in(dropout_key, state.step)
-  mutable = ['aux_logits'] + (['batch_stats'] if state.batch_stats else [])
-
-  def loss_fn(params):
-    out = state.apply_fn(_variables(state, params), batch['image'],
-                         train=True, rngs={'dropout': key}, mutable=mutable)
-    logits, new_vars = out
-    loss = metrics_lib.cross_entropy(logits, batch['label']).mean()
-    aux_logits = jax.tree.leaves(new_vars.get('aux_logits', {}))
-    if not aux_logits:
-      return loss, (loss, None, logits, new_vars)
-    aux_loss = aux_loss_weight * sum(
-        metrics_lib.cross_entropy(a, batch['label']).mean()
-        for a in aux_logits)
-    return loss + aux_loss, (loss, aux_loss, logits, new_vars)
-
-  (_, (loss, aux_loss, logits, new_vars)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  collections = [layers.ACTIVATION_STATS] if layer_stats else []
+  loss, aux_loss, logits, new_vars, grads = _loss_and_grads(
+      state, batch, key, aux_loss_weight, collections)
   new_state = state.apply_gradients(
       grads=grads, batch_stats=new_vars.get('batch_stats', state.batch_stats))
+
+  grad_stats = metrics_lib.compute_grad_stats(grads, layer_names)
+  bad_layer = metrics_lib.first_nonfinite(
+      [grad_stats[f'grad_norm/{n}'] for n in layer_names])
+  new_state = new_state.replace(first_nonfinite=jnp.where(
+      (state.first_nonfinite[0] < 0) & (bad_layer >= 0),
+      jnp.stack([jnp.asarray(state.step, jnp.int32) + 1, bad_layer]),
+      state.first_nonfinite))
+
   scalars = {
       'train/loss': loss,
       'train/accuracy': metrics_lib.accuracy(logits, batch['label']).mean(),
       'train/learning_rate': schedule(state.step),
-      **metrics_lib.compute_grad_stats(grads, layer_names),
-      **metrics_lib.compute_layer_stats(grads, state.params,
-                                        new_state.params, layer_names),
+      'grad_norm/global': grad_stats['grad_norm/global'],
   }
   if aux_loss is not None:  # The model has auxiliary heads.
     scalars['train/aux_loss'] = aux_loss
+  if layer_stats:
+    scalars.update(grad_stats)
+    scalars.update(metrics_lib.compute_layer_stats(
+        grads, state.params, new_state.params, layer_names))
+    scalars.update(metrics_lib.collect_activation_stats(
+        new_vars.get(layers.ACTIVATION_STATS, {}), activation_sites))
+    if state.batch_stats:
+      scalars.update(metrics_lib.bn_gap_stats(
+          state.batch_stats, new_state.batch_stats, layer_names,
+          layers.BN_MOMENTUM))
   return new_state, scalars
+
+
+def histogram_step(state: TrainState, batch, dropout_key, *, layer_names,
+                   activation_sites, aux_loss_weight: float = 0.3):
+  """The gradient of each layer (its arrays flattened into one vector) and
+  each activation site's output, for the step `train_step` is about to take
+  on the same batch (same dropout mask). Called only every
+  `histogram_every_steps`, so the train step itself never returns tensors."""
+  key = jax.random.fold_in(dropout_key, state.step)
+  *_, new_vars, grads = _loss_and_grads(
+      state, batch, key, aux_loss_weight, [layers.ACTIVATION_VALUES])
+  out = {}
+  for name in layer_names:
+    out[f'grads/{name}'] = jnp.concatenate([
+        x.ravel() for x in jax.tree.leaves(
+            metrics_lib.layer_params(grads, name))])
+  acts = new_vars[layers.ACTIVATION_VALUES]
+  for name, _ in activation_sites:
+    out[f'activations/{name}'] = metrics_lib.layer_params(acts, name)[
+        'value']
+  return out
+
+
+def probe_step(state: TrainState, batch) -> dict:
+  """The cost on a fixed probe batch with dropout switched off.
+
+  `probe/loss`: training mode (batch norm on the probe batch's statistics),
+  dropout off: the objective without dropout's noise, a function that stays
+  the same from step to step. With batch norm also `probe/eval_mode_loss`
+  (moving averages, as in inference) and `probe/bn_train_eval_gap`, the
+  eval-mode loss minus the training-mode one.
+  """
+
+  def without_dropout(next_fun, args, kwargs, context):
+    if (isinstance(context.module, nn.Dropout)
+        and context.method_name == '__call__'):
+      return args[0]  # The identity: keep probability 1.
+    return next_fun(*args, **kwargs)
+
+  variables = _variables(state, state.params)
+  with nn.intercept_methods(without_dropout):
+    if state.batch_stats:  # Updated statistics are thrown away.
+      logits, _ = state.apply_fn(variables, batch['image'], train=True,
+                                 mutable=['batch_stats'])
+    else:
+      logits = state.apply_fn(variables, batch['image'], train=True)
+  loss = metrics_lib.cross_entropy(logits, batch['label']).mean()
+  out = {'probe/loss': loss}
+  if state.batch_stats:
+    eval_logits = state.apply_fn(variables, batch['image'], train=False)
+    eval_loss = metrics_lib.cross_entropy(eval_logits, batch['label']).mean()
+    out['probe/eval_mode_loss'] = eval_loss
+    out['probe/bn_train_eval_gap'] = eval_loss - loss
+  return out
 
 
 def eval_step(state: TrainState, batch):
@@ -124,6 +220,11 @@ def evaluate(eval_fn, state, pipeline, batch_size, num_examples) -> dict:
   totals = jax.device_get(totals)
   return {'eval/loss': totals['loss_sum'] / totals['count'],
           'eval/accuracy': totals['correct_sum'] / totals['count']}
+
+
+def _fmt(value, digits: int = 4) -> str:
+  """A metric for the progress line ('nan' and 'inf' arrive as strings)."""
+  return f'{value:.{digits}f}' if isinstance(value, float) else str(value)
 
 
 def _format_duration(seconds: float) -> str:
@@ -159,11 +260,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | pathlib.Path | None) -> dict:
   """Trains `config` into `workdir`; returns the final evaluation metrics."""
   # --- Validate and build everything before touching the filesystem. ---
-  for field in ('log_every_steps', 'eval_every_steps'):
-    value = config.get(field)
+  for field in ('log_every_steps', 'eval_every_steps',
+                'histogram_every_steps'):
+    value = config.get(field, 0)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
       raise ConfigError(f'{field}={value!r} is not allowed; it must be an '
-                        'integer >= 0 (0: only at the end)')
+                        'integer >= 0 (0: ' + (
+                            'off)' if field.startswith('hist')
+                            else 'only at the end)'))
+  layer_stats = config.get('layer_stats', True)
+  if not isinstance(layer_stats, bool):
+    raise ConfigError(f'layer_stats={layer_stats!r} is not allowed; it must '
+                      'be True or False')
+  probe_size = config.get('probe_batch_size', 256)
+  check_positive('probe_batch_size', probe_size, integer=True)
   if not isinstance(config.seed, int):
     raise ConfigError(f'seed={config.seed!r} is not allowed; it must be an '
                       'integer')
@@ -198,9 +308,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(model, tx, datasets.image_shape, init_key)
-  layer_names = metrics_lib.layer_order(
-      model, {'params': state.params, 'batch_stats': state.batch_stats},
-      jnp.zeros((1, *datasets.image_shape), jnp.float32))
+  sample = (model, {'params': state.params, 'batch_stats': state.batch_stats},
+            jnp.zeros((1, *datasets.image_shape), jnp.float32))
+  layer_names = metrics_lib.layer_order(*sample)
+  sites = tuple(metrics_lib.activation_sites(*sample))
+  probe_batch = jax.device_put(datasets.train.fixed_batch(probe_size))
 
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'plots').mkdir(exist_ok=True)
@@ -212,24 +324,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
        'num_params': int(sum(x.size for x in jax.tree.leaves(
            metrics_lib.layer_params(state.params, name))))}
       for name in layer_names])
+  writers.write_json_atomic(workdir / 'activations.json', [
+      {'name': name, 'activation': kind} for name, kind in sites])
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'{config.name}: {model_cfg["name"]} with {num_params:,} parameters, '
         f'{datasets.name} {datasets.image_shape}, {num_steps} steps of '
         f'batch {batch_size}; workdir {workdir}', flush=True)
 
   key_order = ['train/loss', 'train/aux_loss', 'train/accuracy',
-               'train/learning_rate',
-               'eval/loss', 'eval/accuracy', 'grad_norm/global'] + [
+               'train/learning_rate', 'probe/loss', 'probe/eval_mode_loss',
+               'probe/bn_train_eval_gap', 'eval/loss', 'eval/accuracy',
+               'nonfinite/first_step', 'nonfinite/first_grad_layer',
+               'grad_norm/global'] + [
                    f'{stat}/{n}' for stat in metrics_lib.LAYER_STATS
+                   for n in layer_names] + [
+                   f'{stat}/{n}' for stat in metrics_lib.ACTIVATION_STATS
+                   for n, _ in sites] + [
+                   f'{stat}/{n}' for stat in metrics_lib.BN_STATS
                    for n in layer_names]
   writer = writers.MetricsWriter(workdir, key_order)
 
   # --- Compile the steps. ---
+  names = dict(layer_names=tuple(layer_names), activation_sites=sites)
   p_train_step = jax.jit(
-      functools.partial(train_step, layer_names=tuple(layer_names),
-                        schedule=schedule,
-                        aux_loss_weight=aux_loss_weight),
+      functools.partial(train_step, **names, schedule=schedule,
+                        aux_loss_weight=aux_loss_weight,
+                        layer_stats=layer_stats),
       donate_argnums=(0,))
+  p_histogram_step = jax.jit(functools.partial(
+      histogram_step, **names, aux_loss_weight=aux_loss_weight))
+  p_probe_step = jax.jit(probe_step)
   p_eval_step = jax.jit(eval_step)
 
   # --- Train. ---
@@ -238,24 +362,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       size=3, transform=jax.device_put)
   log_every = config.log_every_steps or num_steps
   eval_every = config.eval_every_steps or num_steps
+  histogram_every = config.get('histogram_every_steps', 0)
+  nonfinite_reported = False
   eval_result = {}
   t_start = time.perf_counter()
   t_last, step_last = t_start, 0
   for step in range(1, num_steps + 1):
-    state, scalars = p_train_step(state, next(batches), dropout_key)
+    batch = next(batches)
+    if histogram_every and (step % histogram_every == 0 or step == 1):
+      # Before the step, on its batch: the gradients it is about to apply.
+      writer.write_histograms(step, jax.device_get(
+          p_histogram_step(state, batch, dropout_key)))
+    state, scalars = p_train_step(state, batch, dropout_key)
     if step == 1:
       jax.block_until_ready(state)
       t_last, step_last = time.perf_counter(), 1
       print(f'  compiled and ran step 1 in {t_last - t_start:.1f}s',
             flush=True)
     if step % log_every == 0 or step == num_steps:
-      line = writer.write(step, jax.device_get(scalars))
+      scalars = jax.device_get({**scalars, **p_probe_step(state, probe_batch)})
+      first_bad = jax.device_get(state.first_nonfinite)
+      if first_bad[0] >= 0 and not nonfinite_reported:
+        nonfinite_reported = True
+        bad_name = layer_names[int(first_bad[1])]
+        scalars['nonfinite/first_step'] = int(first_bad[0])
+        scalars['nonfinite/first_grad_layer'] = bad_name
+        print(f'  warning: non-finite gradient first at step {first_bad[0]},'
+              f' first in layer {bad_name} (forward order)', flush=True)
+      line = writer.write(step, scalars)
       now = time.perf_counter()
       rate = (step - step_last) / max(now - t_last, 1e-9) if step > 1 else 0
       t_last, step_last = now, step
       eta = (num_steps - step) / rate if rate else 0
       print(f'  step {step:>{len(str(num_steps))}}/{num_steps}  '
-            f'loss {line["train/loss"]:.4f}  acc {line["train/accuracy"]:.3f}'
+            f'loss {_fmt(line["train/loss"])}  '
+            f'acc {_fmt(line["train/accuracy"], 3)}'
+            f'  probe loss {_fmt(line["probe/loss"])}'
             f'  | {rate:.2f} steps/s {rate * batch_size:.0f} img/s  '
             f'eta {_format_duration(eta)}', flush=True)
     if step % eval_every == 0 or step == num_steps:
@@ -268,9 +410,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer.close()
 
   # --- Plots, from the files just written. ---
-  plot_path = plots.plot_gradient_flow(workdir)
+  plot_paths = plots.plot_run(workdir)
   print(f'done in {_format_duration(time.perf_counter() - t_start)}: '
-        f'metrics {workdir / "metrics.jsonl"}, plot {plot_path}', flush=True)
+        f'metrics {workdir / "metrics.jsonl"}, {len(plot_paths)} plots in '
+        f'{workdir / "plots"}', flush=True)
   return {k: float(v) for k, v in eval_result.items()}
 
 

@@ -3,9 +3,12 @@
   config.json     the whole resolved config (written atomically)
   layers.json     the parameterised layers in forward order, with their kind
                   and parameter count (what plots use as the depth axis)
+  activations.json  the activation sites in forward order, with their
+                  function (the axis of activation plots)
   metrics.jsonl   one JSON object per line: training lines every
                   `log_every_steps`, evaluation lines every `eval_every_steps`
-  tensorboard/    the same scalars as TensorBoard event files (clu)
+  tensorboard/    the same scalars as TensorBoard event files (clu), and
+                  histograms every `histogram_every_steps`
   plots/          PNG figures drawn from the files above
 """
 
@@ -51,14 +54,27 @@ class MetricsWriter:
     self._tb = metric_writers.SummaryWriter(str(self.workdir / 'tensorboard'))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> dict:
+    """One line. Python ints stay ints (a step number); strings (a layer's
+    name) go to metrics.jsonl only."""
     keys = sorted(scalars, key=lambda k: (self.key_order.get(k, 1e9), k))
     line = {'step': int(step)}
-    line.update({k: _to_json_number(scalars[k]) for k in keys})
+    line.update({k: scalars[k] if isinstance(scalars[k], (str, int))
+                 else _to_json_number(scalars[k]) for k in keys})
     self._file.write(json.dumps(line) + '\n')
     self._file.flush()
     self._tb.write_scalars(int(step), {
-        k: float(np.asarray(scalars[k])) for k in keys})
+        k: float(np.asarray(scalars[k])) for k in keys
+        if not isinstance(scalars[k], str)})
     return line
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any]) -> None:
+    """TensorBoard histograms (clu), e.g. `grads/<layer>`,
+    `activations/<site>`; non-finite entries are left out of each."""
+    finite = {}
+    for key, value in arrays.items():
+      value = np.asarray(value, np.float32).ravel()
+      finite[key] = value[np.isfinite(value)]
+    self._tb.write_histograms(int(step), finite)
 
   def flush(self):
     self._file.flush()

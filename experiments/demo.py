@@ -1,5 +1,6 @@
 r"""The README's main job: VGG16 with and without batch norm on Fashion-MNIST,
-a short CPU budget each, then both on one gradient-flow figure.
+a short CPU budget each, then both compared: figures on shared layer axes
+and one HTML report.
 
   .venv/bin/python experiments/demo.py [--steps=120] [--out=runs/demo]
 
@@ -20,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import vgg16_bn, vgg16_nobn  # noqa: E402
-from cnn_lab import plots  # noqa: E402
+from cnn_lab import plots, report  # noqa: E402
 from cnn_lab.train import train_and_evaluate  # noqa: E402
 
 
@@ -35,6 +36,7 @@ def shorten(config, steps: int):
   config.optim.weight_decay = 0.0
   config.optim.schedule = 'constant'
   config.log_every_steps = 10
+  config.histogram_every_steps = 60  # TensorBoard histograms, 3 times.
   config.eval_every_steps = 0  # Evaluate once, at the end.
   config.eval_num_examples = 2000
   return config
@@ -53,15 +55,19 @@ def main():
   for module in (vgg16_nobn, vgg16_bn):
     config = shorten(module.get_config(), args.steps)
     results[config.name] = train_and_evaluate(config, out / config.name)
-  figure = plots.plot_compare([out / name for name in results],
-                              out / 'compare.png')
+  workdirs = [out / name for name in results]
+  figure = plots.plot_compare(workdirs, out / 'compare.png')
+  figures = plots.plot_comparisons(workdirs, out / 'compare')
+  page = report.write_report(workdirs, out / 'report.html')
   print(f'\nDemo finished in {(time.time() - start) / 60:.1f} min.')
   for name, result in results.items():
     print(f'  {name:<11} test accuracy (first 2,000 test images): '
           f'{result["eval/accuracy"]:.4f}   metrics: '
           f'{out / name / "metrics.jsonl"}')
-  print(f'  comparison plot: {figure}')
-  print(f'  per-run plots:   {out}/*/plots/gradient_flow.png')
+  print(f'  summary figure:  {figure}')
+  print(f'  comparisons:     {len(figures)} figures in {out / "compare"}')
+  print(f'  report:          {page} (open in a browser)')
+  print(f'  per-run plots:   {out}/*/plots/*.png')
 
 
 if __name__ == '__main__':

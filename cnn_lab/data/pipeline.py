@@ -134,6 +134,11 @@ class Pipeline:
       yield self.train_batch(step, batch_size, seed)
       step += 1
 
+  def fixed_batch(self, size: int) -> dict:
+    """The first `size` examples (fewer if the split is smaller), without
+    augmentation: the same batch on every call, e.g. a probe batch."""
+    return self._prepare(np.arange(min(size, len(self))), None)
+
   def eval_batches(self, batch_size: int, num_examples: int | None = None
                    ) -> Iterator[dict]:
     """Fixed-size batches over the first `num_examples` examples, in order.

@@ -48,7 +48,6 @@ class AlexNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     layers.check_input_size(x, 28, 'alexnet', 'three 3x3/2 max-pools')
-    act = layers.get_activation(self.activation)
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
     if layers.is_small_input(x):
       stem = dict(kernel_size=(5, 5), strides=(1, 1), padding=2)
@@ -60,7 +59,7 @@ class AlexNet(nn.Module):
       x = layers.Conv(layers.scale_width(ch, self.width), kernel_init=init,
                       impl=self.conv_impl, name=f'conv{i}', **spec)(x)
       x = layers.make_norm(self.norm, train, f'bn{i}')(x)
-      x = act(x)
+      x = layers.Activation(self.activation, name=f'act{i}')(x)
       if self.lrn and i <= 2:
         x = layers.local_response_norm(x)
       if i in (1, 2, 5):
@@ -72,6 +71,6 @@ class AlexNet(nn.Module):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
       x = nn.Dense(layers.scale_width(features, self.width), kernel_init=init,
                    name=f'fc{i}')(x)
-      x = act(x)
+      x = layers.Activation(self.activation, name=f'fc{i}_act')(x)
     return nn.Dense(self.num_classes, kernel_init=init,
                     name=f'fc{len(self.head_features) + 1}')(x)

@@ -86,7 +86,7 @@ class ConvNormAct(nn.Module):
                     kernel_init=self.kernel_init, impl=self.conv_impl,
                     name='conv')(x)
     x = layers.make_norm(self.norm, train, 'bn', epsilon=BN_EPSILON)(x)
-    return layers.get_activation(self.activation)(x)
+    return layers.Activation(self.activation, name='act')(x)
 
 
 class Inception(nn.Module):
@@ -128,7 +128,6 @@ class AuxHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    act = layers.get_activation(self.activation)
     if self.pool == 'paper' and min(x.shape[1:3]) >= 5:
       x = layers.avg_pool(x, 5, 3)  # 14x14 -> 4x4 (Sec. 5).
     else:
@@ -136,8 +135,9 @@ class AuxHead(nn.Module):
     x = self.conv(layers.scale_width(128, self.width), 1, name='conv')(
         x, train=train)
     x = x.reshape(x.shape[0], -1)
-    x = act(nn.Dense(layers.scale_width(1024, self.width),
-                     kernel_init=self.kernel_init, name='fc1')(x))
+    x = nn.Dense(layers.scale_width(1024, self.width),
+                 kernel_init=self.kernel_init, name='fc1')(x)
+    x = layers.Activation(self.activation, name='fc1_act')(x)
     x = nn.Dropout(0.7, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, kernel_init=self.kernel_init,
                       name='fc2')(x)

@@ -46,7 +46,6 @@ class LeNet5(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     layers.check_input_size(x, 28, 'lenet5', 'two 5x5 convolutions and two '
                             '2x2 poolings')
-    act = layers.get_activation(self.activation)
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
     pool = layers.max_pool if self.pool == 'max' else layers.avg_pool
     # The paper's 32x32 input needs no padding; pad 28x28 inputs to match.
@@ -56,11 +55,11 @@ class LeNet5(nn.Module):
                       padding=pad, kernel_init=init, impl=self.conv_impl,
                       name=f'conv{i}')(x)
       x = layers.make_norm(self.norm, train, f'bn{i}')(x)
-      x = pool(act(x), 2)
+      x = pool(layers.Activation(self.activation, name=f'act{i}')(x), 2)
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate((120, 84), 1):
       x = nn.Dense(layers.scale_width(features, self.width), kernel_init=init,
                    name=f'fc{i}')(x)
       x = layers.make_norm(self.norm, train, f'fc_bn{i}')(x)
-      x = act(x)
+      x = layers.Activation(self.activation, name=f'fc{i}_act')(x)
     return nn.Dense(self.num_classes, kernel_init=init, name='fc3')(x)

@@ -56,7 +56,6 @@ class NiN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     layers.check_input_size(x, 28, 'nin', 'two or three 3x3/2 pools')
-    act = layers.get_activation(self.activation)
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
     small = layers.is_small_input(x)
     blocks = CIFAR_BLOCKS if small else IMAGENET_BLOCKS
@@ -70,7 +69,7 @@ class NiN(nn.Module):
                         kernel_init=init, impl=self.conv_impl,
                         name=f'mlpconv{b}_conv{i}')(x)
         x = layers.make_norm(self.norm, train, f'mlpconv{b}_bn{i}')(x)
-        x = act(x)
+        x = layers.Activation(self.activation, name=f'mlpconv{b}_act{i}')(x)
       if pool == 'max':
         x = layers.max_pool(x, 3, 2, padding='CEIL')
       elif pool == 'avg':

@@ -71,7 +71,6 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    act = layers.get_activation(self.activation)
 
     def conv(features, kernel, stride, name):
       return layers.Conv(features, (kernel, kernel), (stride, stride),
@@ -91,10 +90,10 @@ class Block(nn.Module):
       y = conv(features, kernel, stride, f'conv{i}')(y)
       y = layers.make_norm(self.norm, train, f'bn{i}')(y)
       if i < len(specs):
-        y = act(y)
+        y = layers.Activation(self.activation, name=f'act{i}')(y)
     if self.residual:
       y = y + self._shortcut(x, conv, train)
-    return act(y)
+    return layers.Activation(self.activation, name='act_out')(y)
 
   def _shortcut(self, x, conv, train):
     changes = self.stride != 1 or x.shape[-1] != self.features
@@ -133,14 +132,13 @@ class ResNet(nn.Module):
     layers.check_input_size(x, 28, f'resnet{self.depth}',
                             'the stem and three stride-2 stages')
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
-    act = layers.get_activation(self.activation)
     kind, counts = IMAGENET_DEPTHS[self.depth]
     w = lambda c: layers.scale_width(c, self.width)
     stem = (3, 1) if layers.is_small_input(x) else (7, 2)
     x = layers.Conv(w(64), (stem[0],) * 2, (stem[1],) * 2,
                     padding=stem[0] // 2, use_bias=self.norm == 'none',
                     kernel_init=init, impl=self.conv_impl, name='conv1')(x)
-    x = act(layers.make_norm(self.norm, train, 'bn1')(x))
+    x = layers.Activation(self.activation, name='act1')(layers.make_norm(self.norm, train, 'bn1')(x))
     if stem[1] == 2:  # The ImageNet stem's 3x3/2 max-pool.
       x = layers.max_pool(x, 3, 2, padding=1)
     expansion = 4 if kind == 'bottleneck' else 1
@@ -182,11 +180,10 @@ class CifarResNet(nn.Module):
     layers.check_input_size(x, 8, f'resnet{self.depth}', 'two stride-2 '
                             'stages')
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
-    act = layers.get_activation(self.activation)
     w = lambda c: layers.scale_width(c, self.width)
     x = layers.Conv(w(16), (3, 3), padding=1, use_bias=self.norm == 'none',
                     kernel_init=init, impl=self.conv_impl, name='conv1')(x)
-    x = act(layers.make_norm(self.norm, train, 'bn1')(x))
+    x = layers.Activation(self.activation, name='act1')(layers.make_norm(self.norm, train, 'bn1')(x))
     n = (self.depth - 2) // 6
     for s, ch in enumerate((16, 32, 64), 1):
       for b in range(1, n + 1):

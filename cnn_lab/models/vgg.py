@@ -47,7 +47,6 @@ class VGG(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     layers.check_input_size(x, 32, 'VGG', 'five 2x2 max-pools; set '
                             'data.image_size to 32 or more')
-    act = layers.get_activation(self.activation)
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
     for s, (num_convs, ch) in enumerate(zip(self.stages, STAGE_CHANNELS), 1):
       for i in range(1, num_convs + 1):
@@ -55,7 +54,7 @@ class VGG(nn.Module):
                         padding=1, kernel_init=init,
                         impl=self.conv_impl, name=f'block{s}_conv{i}')(x)
         x = layers.make_norm(self.norm, train, f'block{s}_bn{i}')(x)
-        x = act(x)
+        x = layers.Activation(self.activation, name=f'block{s}_act{i}')(x)
       x = layers.max_pool(x, 2)
 
     head = self.head_features
@@ -65,7 +64,7 @@ class VGG(nn.Module):
     for i, features in enumerate(head, 1):
       x = nn.Dense(layers.scale_width(features, self.width),
                    kernel_init=init, name=f'fc{i}')(x)
-      x = act(x)
+      x = layers.Activation(self.activation, name=f'fc{i}_act')(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=init,
                     name=f'fc{len(head) + 1}')(x)
