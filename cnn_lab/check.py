@@ -18,10 +18,10 @@ float32 round-off and the last digits of a converged run stay below it).
 Exit status: 0 monotonic, 1 not (the rises are listed), 2 bad input.
 """
 
-import argparse
 import math
 import sys
 
+from cnn_lab.errors import ArgumentParser
 from cnn_lab.writers import read_metrics
 
 DEFAULT_TOLERANCE = 1e-3
@@ -40,8 +40,20 @@ def find_rises(steps, values, tolerance: float = DEFAULT_TOLERANCE):
 
 def check_monotonic(workdir, key: str = 'probe/loss',
                     tolerance: float = DEFAULT_TOLERANCE) -> int:
-  lines = read_metrics(workdir)
-  pairs = [(l['step'], float(l[key])) for l in lines if key in l]
+  try:
+    lines = read_metrics(workdir)
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{workdir}/metrics.jsonl is not text: {e}') from None
+  pairs = []
+  for line in lines:
+    if not (isinstance(line, dict) and isinstance(line.get('step'), int)
+            and key in line):
+      continue  # Not a metrics line of this key.
+    try:
+      pairs.append((line['step'], float(line[key])))
+    except (TypeError, ValueError):
+      raise ValueError(f'{workdir}/metrics.jsonl: {key}={line[key]!r} at '
+                       f'step {line["step"]} is not a number') from None
   if len(pairs) < 2:
     raise ValueError(f'{workdir} has {len(pairs)} logged value(s) of {key}; '
                      'the check needs at least 2 (log more often with '
@@ -62,7 +74,7 @@ def check_monotonic(workdir, key: str = 'probe/loss',
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
       prog='python -m cnn_lab.check', description=__doc__.split('\n\n')[0])
   sub = parser.add_subparsers(dest='command', required=True)
   mono = sub.add_parser('monotonic', help='did the probe loss fall at every '

@@ -4,7 +4,9 @@
 else that escapes is a bug and keeps its traceback.
 """
 
+import argparse
 import math
+import sys
 
 
 class ConfigError(ValueError):
@@ -25,3 +27,12 @@ def check_positive(field: str, value, *, integer: bool = False) -> None:
   if not ok:
     what = 'a positive integer' if integer else 'a positive finite number'
     raise ConfigError(f'{field}={value!r} is not allowed; it must be {what}')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are one `error: ...` line and exit 2 (the
+  command-line tools of cnn_lab: plots, report, check, summary)."""
+
+  def error(self, message):
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)

@@ -60,6 +60,17 @@ def layer_order(model: nn.Module, variables, sample_input) -> list[str]:
   return ordered + sorted(set(owners) - set(ordered))
 
 
+def batch_norm_layers(model: nn.Module, variables,
+                      sample_input) -> list[tuple[str, float, float]]:
+  """(name, momentum, epsilon) of every batch-norm layer, in forward order."""
+  layers = {}
+  for path, module in _forward_calls(model, variables, sample_input):
+    if isinstance(module, nn.BatchNorm):
+      layers.setdefault(path, (float(module.momentum),
+                               float(module.epsilon)))
+  return [(name, *settings) for name, settings in layers.items()]
+
+
 def activation_sites(model: nn.Module, variables,
                      sample_input) -> list[tuple[str, str]]:
   """(name, kind) of every `layers.Activation` of `model`, in forward order,
@@ -77,14 +88,6 @@ def layer_params(tree, name: str) -> dict:
   for key in name.split('/') if name else ():
     tree = tree[key]
   return {k: v for k, v in tree.items() if not isinstance(v, dict)}
-
-
-def _has_path(tree, name: str) -> bool:
-  for key in name.split('/'):
-    if not isinstance(tree, dict) or key not in tree:
-      return False
-    tree = tree[key]
-  return True
 
 
 def layer_l2_norms(tree, names: Sequence[str]) -> dict[str, jax.Array]:
@@ -198,8 +201,8 @@ def collect_activation_stats(collection, sites) -> dict[str, jax.Array]:
   return stats
 
 
-def bn_gap_stats(old_stats, new_stats, names: Sequence[str],
-                 momentum: float, epsilon: float = 1e-5
+def bn_gap_stats(old_stats, new_stats,
+                 bn_layers: Sequence[tuple[str, float, float]]
                  ) -> dict[str, jax.Array]:
   """How far each batch-norm layer's running statistics are from the
   current batch's, per channel c, averaged over channels:
@@ -209,13 +212,13 @@ def bn_gap_stats(old_stats, new_stats, names: Sequence[str],
 
   The running values are those before the step (the ones evaluation would
   use). The batch values are recovered exactly from the moving-average
-  update, new = m * old + (1 - m) * batch, so the step computes nothing
-  over the activations for them.
+  update, new = m * old + (1 - m) * batch, with each layer's momentum m
+  (`bn_layers`: (name, momentum, epsilon), from `batch_norm_layers`), so
+  the step computes nothing over the activations for them; epsilon, the
+  layer's own, keeps the ratios finite.
   """
   stats = {}
-  for name in names:
-    if not _has_path(old_stats, name):  # Not a batch-norm layer.
-      continue
+  for name, momentum, epsilon in bn_layers:
     old, new = layer_params(old_stats, name), layer_params(new_stats, name)
     run_mean, run_var = (old['mean'].astype(jnp.float32),
                          old['var'].astype(jnp.float32))
@@ -231,14 +234,40 @@ def bn_gap_stats(old_stats, new_stats, names: Sequence[str],
 BN_STATS = ('bn_mean_gap', 'bn_var_gap')
 
 
-def first_nonfinite(grad_norms: Sequence[jax.Array]) -> jax.Array:
-  """Index of the first non-finite value of `grad_norms` (per layer, in
-  forward order), or -1 when all are finite. A layer's L2 norm is finite
-  exactly when every entry of its gradient is (or it overflowed float32)."""
-  if not grad_norms:
+def first_true(flags: Sequence[jax.Array], *, last: bool = False
+               ) -> jax.Array:
+  """Index of the first (or, with `last`, the last) true entry of `flags`,
+  or -1 when none is true."""
+  if not flags:
     return jnp.int32(-1)
-  bad = ~jnp.isfinite(jnp.stack(grad_norms))
-  return jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32)
+  flags = jnp.stack(flags)
+  if last:
+    flags = flags[::-1]
+  index = jnp.argmax(flags)
+  if last:
+    index = len(flags) - 1 - index
+  return jnp.where(jnp.any(flags), index, -1).astype(jnp.int32)
+
+
+def nonfinite_origin(grads, layer_names: Sequence[str],
+                     act_means: Sequence[jax.Array] = ()) -> jax.Array:
+  """Where a step's non-finite values started: [grad layer, activation site]
+  as indices in forward order, -1 where everything is finite.
+
+  A NaN or inf in a gradient spreads backwards to every layer below it, so
+  the layer where it started is the first one the backward pass computes,
+  the deepest (last in forward order) non-finite layer. An activation that
+  is already non-finite in the forward pass spreads forwards, so there the
+  first site in forward order is reported; then every gradient is non-finite
+  and the layer index says little. A layer counts as non-finite when an
+  entry of its gradient is NaN or inf (its max |g| is; an L2 norm could
+  overflow on finite values).
+  """
+  grad_bad = [~jnp.isfinite(jnp.max(jnp.stack(
+      [jnp.max(jnp.abs(x)) for x in _layer_leaves(grads, name)])))
+              for name in layer_names]
+  return jnp.stack([first_true(grad_bad, last=True),
+                    first_true([~jnp.isfinite(m) for m in act_means])])
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -24,7 +24,6 @@ One PNG per figure; the same figure draws one run or several on shared axes
 (gradient flow and loss); `--out DIR` draws every figure above into DIR.
 """
 
-import argparse
 import json
 import math
 import pathlib
@@ -39,7 +38,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from cnn_lab.errors import ConfigError  # noqa: E402
+from cnn_lab.errors import ArgumentParser, ConfigError  # noqa: E402
 from cnn_lab.writers import read_metrics  # noqa: E402
 
 WEIGHT_KINDS = ('conv', 'dense')
@@ -811,14 +810,6 @@ def plot_compare(workdirs, out) -> pathlib.Path:
     ax_a.set_ylim(0, 1)
   fig.tight_layout()
   return _save(fig, out)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose usage errors are one `error: ...` line and exit 2."""
-
-  def error(self, message):
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 from cnn_lab import plots
-from cnn_lab.errors import ConfigError
+from cnn_lab.errors import ArgumentParser, ConfigError
 
 # One sentence per figure: how to read it.
 CAPTIONS = {
@@ -128,7 +128,8 @@ def final_metrics(runs: list[plots.RunFiles]) -> list[tuple[str, list]]:
 
   rows.append(('steps run', [steps_run(r) for r in runs]))
   rows.append(('parameters', [
-      sum(l.get('num_params', 0) for l in r.layers) or None for r in runs]))
+      sum(l['num_params'] for l in r.layers
+          if isinstance(l.get('num_params'), int)) or None for r in runs]))
   rows.append(('eval accuracy (last)', last_number('eval/accuracy')))
   rows.append(('eval loss (last)', last_number('eval/loss')))
   rows.append(('last eval at step', [eval_step(r) for r in runs]))
@@ -137,12 +138,19 @@ def final_metrics(runs: list[plots.RunFiles]) -> list[tuple[str, list]]:
   gap = last_number('probe/bn_train_eval_gap')
   if any(v is not None for v in gap):
     rows.append(('BN: probe loss, eval minus train mode (last)', gap))
-  nonfinite = [r.last('nonfinite/first_grad_layer') for r in runs]
-  if any(v is not None for v in nonfinite):
-    steps = [r.last('nonfinite/first_step') for r in runs]
-    rows.append(('first non-finite gradient', [
-        None if layer is None else f'{layer} at step {step}'
-        for layer, step in zip(nonfinite, steps)]))
+  def nonfinite(run):
+    step = run.last('nonfinite/first_step')
+    if step is None:
+      return None
+    site = run.last('nonfinite/first_activation')
+    layer = run.last('nonfinite/first_grad_layer')
+    where = ([f'forward at {site}'] if site is not None else []) + (
+        [f'backward at {layer}'] if layer is not None else [])
+    return f'step {step}: ' + ', '.join(where)
+
+  started = [nonfinite(r) for r in runs]
+  if any(v is not None for v in started):
+    rows.append(('non-finite values started', started))
   return rows
 
 
@@ -249,7 +257,7 @@ def write_report(workdirs, out, verbose: bool = False) -> pathlib.Path:
 
 
 def main(argv=None) -> int:
-  parser = plots.ArgumentParser(prog='python -m cnn_lab.report',
+  parser = ArgumentParser(prog='python -m cnn_lab.report',
                                 description=__doc__.split('\n\n')[0])
   parser.add_argument('workdirs', nargs='+', help='run folders')
   parser.add_argument('--out', required=True, help='the HTML file to write')

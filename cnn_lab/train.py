@@ -30,10 +30,12 @@ from cnn_lab.errors import ConfigError, check_positive
 class TrainState(train_state.TrainState):
   """Parameters, optimiser state and step, plus batch-norm statistics
   (an empty dict for models without batch norm: one code path for all) and
-  where the first non-finite gradient appeared: [step, layer index in
-  forward order], [-1, -1] while every gradient has been finite."""
+  where non-finite values first appeared: the step, and the indices (in
+  forward order) of the layer whose gradient and of the activation site
+  where they started (`metrics.nonfinite_origin`), -1 where none; all -1
+  while every gradient has been finite."""
   batch_stats: Any = flax.core.FrozenDict()
-  first_nonfinite: jax.Array = None
+  first_nonfinite: jax.Array = None  # [step, grad layer, activation site].
 
 
 def steps_from_epochs(num_epochs: float, num_examples: int,
@@ -52,7 +54,7 @@ def create_train_state(model, tx, image_shape, key) -> TrainState:
   return TrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
       batch_stats=variables.get('batch_stats', {}),
-      first_nonfinite=jnp.full((2,), -1, jnp.int32))
+      first_nonfinite=jnp.full((3,), -1, jnp.int32))
 
 
 def _variables(state: TrainState, params) -> dict:
@@ -96,14 +98,17 @@ def _loss_and_grads(state: TrainState, batch, key, aux_loss_weight: float,
 
 
 def train_step(state: TrainState, batch, dropout_key, *, layer_names,
-               schedule, activation_sites=(), aux_loss_weight: float = 0.3,
-               layer_stats: bool = True):
+               schedule, activation_sites=(), bn_layers=(),
+               aux_loss_weight: float = 0.3, layer_stats: bool = True):
   """One optimiser step; returns the new state and a flat dict of scalars.
 
   With `layer_stats`, the scalars include every per-layer statistic of
-  `metrics` (gradients, weights, updates, activations, batch norm): all
-  reductions of tensors the step computes anyway. The first non-finite
-  gradient (step and layer) is recorded in the state either way.
+  `metrics` (gradients, weights, updates, activations; batch norm for
+  `bn_layers`, see `metrics.batch_norm_layers`): all reductions of tensors
+  the step computes anyway. Without, the step computes only the loss,
+  accuracy and global gradient norm, and looks at single layers only when
+  that norm is not finite. Either way the state records where the first
+  non-finite gradient appeared (`metrics.nonfinite_origin`).
   """
   # A fresh dropout mask every step, derived from the step number so that a
   # resumed run draws the same masks as an uninterrupted one.
@@ -114,32 +119,36 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
   new_state = state.apply_gradients(
       grads=grads, batch_stats=new_vars.get('batch_stats', state.batch_stats))
 
-  grad_stats = metrics_lib.compute_grad_stats(grads, layer_names)
-  bad_layer = metrics_lib.first_nonfinite(
-      [grad_stats[f'grad_norm/{n}'] for n in layer_names])
-  new_state = new_state.replace(first_nonfinite=jnp.where(
-      (state.first_nonfinite[0] < 0) & (bad_layer >= 0),
-      jnp.stack([jnp.asarray(state.step, jnp.int32) + 1, bad_layer]),
-      state.first_nonfinite))
-
   scalars = {
       'train/loss': loss,
       'train/accuracy': metrics_lib.accuracy(logits, batch['label']).mean(),
       'train/learning_rate': schedule(state.step),
-      'grad_norm/global': grad_stats['grad_norm/global'],
+      'grad_norm/global': metrics_lib.global_l2_norm(grads),
   }
   if aux_loss is not None:  # The model has auxiliary heads.
     scalars['train/aux_loss'] = aux_loss
+  act_means = ()
   if layer_stats:
-    scalars.update(grad_stats)
+    scalars.update(metrics_lib.compute_grad_stats(grads, layer_names))
     scalars.update(metrics_lib.compute_layer_stats(
         grads, state.params, new_state.params, layer_names))
     scalars.update(metrics_lib.collect_activation_stats(
         new_vars.get(layers.ACTIVATION_STATS, {}), activation_sites))
+    act_means = [scalars[f'act_mean/{name}'] for name, _ in activation_sites]
     if state.batch_stats:
       scalars.update(metrics_lib.bn_gap_stats(
-          state.batch_stats, new_state.batch_stats, layer_names,
-          layers.BN_MOMENTUM))
+          state.batch_stats, new_state.batch_stats, bn_layers))
+
+  # Where non-finite values started, looked for only when there are some.
+  origin = jax.lax.cond(
+      jnp.isfinite(scalars['grad_norm/global']) & jnp.isfinite(loss),
+      lambda: jnp.full((2,), -1, jnp.int32),
+      lambda: metrics_lib.nonfinite_origin(grads, layer_names, act_means))
+  first = jnp.concatenate([
+      jnp.asarray(state.step, jnp.int32)[None] + 1, origin])
+  new_state = new_state.replace(first_nonfinite=jnp.where(
+      (state.first_nonfinite[0] < 0) & jnp.any(origin >= 0), first,
+      state.first_nonfinite))
   return new_state, scalars
 
 
@@ -220,6 +229,22 @@ def evaluate(eval_fn, state, pipeline, batch_size, num_examples) -> dict:
   totals = jax.device_get(totals)
   return {'eval/loss': totals['loss_sum'] / totals['count'],
           'eval/accuracy': totals['correct_sum'] / totals['count']}
+
+
+def _nonfinite_report(first_bad, layer_names, sites) -> dict:
+  """The metrics-line keys for TrainState.first_nonfinite, and a warning."""
+  step, layer, site = (int(v) for v in first_bad)
+  keys = {'nonfinite/first_step': step}
+  where = []
+  if site >= 0:
+    keys['nonfinite/first_activation'] = sites[site][0]
+    where.append(f'the forward pass first at activation {sites[site][0]}')
+  if layer >= 0:
+    keys['nonfinite/first_grad_layer'] = layer_names[layer]
+    where.append(f'the backward pass first in layer {layer_names[layer]}')
+  print(f'  warning: non-finite values from step {step} on: '
+        f'{"; ".join(where)}', flush=True)
+  return keys
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -312,6 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             jnp.zeros((1, *datasets.image_shape), jnp.float32))
   layer_names = metrics_lib.layer_order(*sample)
   sites = tuple(metrics_lib.activation_sites(*sample))
+  bn_layers = tuple(metrics_lib.batch_norm_layers(*sample))
   probe_batch = jax.device_put(datasets.train.fixed_batch(probe_size))
 
   workdir.mkdir(parents=True, exist_ok=True)
@@ -334,7 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   key_order = ['train/loss', 'train/aux_loss', 'train/accuracy',
                'train/learning_rate', 'probe/loss', 'probe/eval_mode_loss',
                'probe/bn_train_eval_gap', 'eval/loss', 'eval/accuracy',
-               'nonfinite/first_step', 'nonfinite/first_grad_layer',
+               'nonfinite/first_step', 'nonfinite/first_activation',
+               'nonfinite/first_grad_layer',
                'grad_norm/global'] + [
                    f'{stat}/{n}' for stat in metrics_lib.LAYER_STATS
                    for n in layer_names] + [
@@ -347,7 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # --- Compile the steps. ---
   names = dict(layer_names=tuple(layer_names), activation_sites=sites)
   p_train_step = jax.jit(
-      functools.partial(train_step, **names, schedule=schedule,
+      functools.partial(train_step, **names, bn_layers=bn_layers,
+                        schedule=schedule,
                         aux_loss_weight=aux_loss_weight,
                         layer_stats=layer_stats),
       donate_argnums=(0,))
@@ -365,6 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   histogram_every = config.get('histogram_every_steps', 0)
   nonfinite_reported = False
   eval_result = {}
+  # Compile the probe now, so that the first logged rate is the step's.
+  jax.block_until_ready(p_probe_step(state, probe_batch))
   t_start = time.perf_counter()
   t_last, step_last = t_start, 0
   for step in range(1, num_steps + 1):
@@ -384,11 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       first_bad = jax.device_get(state.first_nonfinite)
       if first_bad[0] >= 0 and not nonfinite_reported:
         nonfinite_reported = True
-        bad_name = layer_names[int(first_bad[1])]
-        scalars['nonfinite/first_step'] = int(first_bad[0])
-        scalars['nonfinite/first_grad_layer'] = bad_name
-        print(f'  warning: non-finite gradient first at step {first_bad[0]},'
-              f' first in layer {bad_name} (forward order)', flush=True)
+        scalars.update(_nonfinite_report(first_bad, layer_names, sites))
       line = writer.write(step, scalars)
       now = time.perf_counter()
       rate = (step - step_last) / max(now - t_last, 1e-9) if step > 1 else 0

@@ -8,8 +8,12 @@ same synthetic batch.
 
 Both steps are compiled first; then the two alternate, `steps` steps per
 timing, `rounds` times, and the median time per step of each is compared
-(alternating keeps drifts of the machine out of the ratio). Synthetic data
-(CIFAR-shaped, 32x32x3): this measures compute, not the input pipeline.
+(alternating keeps drifts of the machine out of the ratio). "Off" is the
+bare step: loss, accuracy and the global gradient norm. Last column: one
+call of the probe (`train.probe_step`, 256 images, dropout off; with batch
+norm a training-mode and an eval-mode forward pass), which runs once per
+logged step. Synthetic data (CIFAR-shaped, 32x32x3): this measures compute,
+not the input pipeline.
 """
 
 import argparse
@@ -45,6 +49,7 @@ def build(config_name: str, batch_size: int):
             jnp.zeros((1, *shape)))
   names = tuple(metrics.layer_order(*sample))
   sites = tuple(metrics.activation_sites(*sample))
+  bn_layers = tuple(metrics.batch_norm_layers(*sample))
   rng = np.random.default_rng(0)
   batch = jax.device_put({
       'image': rng.normal(size=(batch_size, *shape)).astype(np.float32),
@@ -52,7 +57,8 @@ def build(config_name: str, batch_size: int):
   steps = {
       on: jax.jit(functools.partial(
           train.train_step, layer_names=names, activation_sites=sites,
-          schedule=schedule, layer_stats=on), donate_argnums=(0,))
+          bn_layers=bn_layers, schedule=schedule, layer_stats=on),
+      donate_argnums=(0,))
       for on in (False, True)}
   return state, batch, steps, len(names), len(sites)
 
@@ -96,17 +102,28 @@ def main():
         state, per_step, _ = time_steps(steps[on], state, batch, args.steps)
         times[on].append(per_step)
     off, on = (statistics.median(times[k]) for k in (False, True))
+    # The probe: once per logged step, on 256 training images.
+    probe = jax.jit(train.probe_step)
+    probe_batch = {k: jnp.concatenate([v, v])[:256] for k, v in batch.items()}
+    jax.block_until_ready(probe(state, probe_batch))
+    probe_times = []
+    for _ in range(args.rounds):
+      t = time.perf_counter()
+      jax.block_until_ready(probe(state, probe_batch))
+      probe_times.append(time.perf_counter() - t)
+    probe_time = statistics.median(probe_times)
     rows.append((name, num_layers, num_sites, num_keys[False],
-                 num_keys[True], off, on))
+                 num_keys[True], off, on, probe_time))
     print(f'  {name}: off {off * 1e3:.0f} ms/step, on {on * 1e3:.0f} '
-          f'ms/step, ratio {on / off:.3f}', flush=True)
+          f'ms/step, ratio {on / off:.3f}; probe {probe_time * 1e3:.0f} ms',
+          flush=True)
 
   print('\n| model | layers | activation sites | scalars off / on | '
-        'ms/step off | ms/step on | on / off |')
-  print('|---|---|---|---|---|---|---|')
-  for name, nl, ns, k_off, k_on, off, on in rows:
+        'ms/step off | ms/step on | on / off | probe ms (per log step) |')
+  print('|---|---|---|---|---|---|---|---|')
+  for name, nl, ns, k_off, k_on, off, on, probe_time in rows:
     print(f'| {name} | {nl} | {ns} | {k_off} / {k_on} | {off * 1e3:.0f} | '
-          f'{on * 1e3:.0f} | {on / off:.3f} |')
+          f'{on * 1e3:.0f} | {on / off:.3f} | {probe_time * 1e3:.0f} |')
   return 0
 
 

@@ -83,6 +83,10 @@ def test_activation_and_bn_stats_in_the_train_step():
   state, names, sites = _tiny_state(model)
   assert names == ('fc1', 'bn1', 'fc2')
   assert sites == (('act1', 'sigmoid'),)
+  x = jnp.zeros((1, 5))
+  bn_layers = tuple(metrics.batch_norm_layers(
+      model, {'params': state.params, 'batch_stats': state.batch_stats}, x))
+  assert bn_layers == (('bn1', layers.BN_MOMENTUM, 1e-5),)
   # Running statistics away from the batch's, and a BN scale of 5 that
   # pushes the sigmoid into saturation.
   rng = np.random.default_rng(3)
@@ -97,7 +101,8 @@ def test_activation_and_bn_stats_in_the_train_step():
   batch = _batch()
   _, scalars = train.train_step(
       state, batch, jax.random.key(1), layer_names=names,
-      activation_sites=sites, schedule=optax.constant_schedule(0.1))
+      activation_sites=sites, bn_layers=bn_layers,
+      schedule=optax.constant_schedule(0.1))
 
   x = np.asarray(batch['image'], np.float64)
   h = x @ params['fc1']['kernel'] + params['fc1']['bias']
@@ -120,40 +125,68 @@ def test_activation_and_bn_stats_in_the_train_step():
                  for k in scalars)
 
 
-class DeadMiddle(nn.Module):
-  """fc1 -> a ReLU that never fires -> fc2 -> fc3."""
+class BackwardBlowUp(nn.Module):
+  """fc1 -> ReLU -> fc2 (all zeros) -> sqrt -> fc3: the forward pass is
+  finite (sqrt(0) = 0), but sqrt's derivative at 0 is infinite, so the
+  backward pass turns non-finite at fc2 and stays so below it; fc3's
+  gradient (its input is 0) is finite."""
 
   @nn.compact
   def __call__(self, x, *, train):
-    x = nn.Dense(4, name='fc1',
-                 bias_init=nn.initializers.constant(-1e3))(x)
-    x = layers.Activation('relu', name='act1')(x)
-    x = nn.Dense(4, name='fc2')(x)
+    x = layers.Activation('relu', name='act1')(nn.Dense(4, name='fc1')(x))
+    x = nn.Dense(4, name='fc2', kernel_init=nn.initializers.zeros)(x)
+    return nn.Dense(3, name='fc3')(jnp.sqrt(x))
+
+
+class ForwardBlowUp(nn.Module):
+  """fc1 -> act1 -> fc2 -> act2 -> fc3, for a NaN put into fc2."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    x = layers.Activation('relu', name='act1')(nn.Dense(4, name='fc1')(x))
+    x = layers.Activation('relu', name='act2')(nn.Dense(4, name='fc2')(x))
     return nn.Dense(3, name='fc3')(x)
 
 
-def test_first_nonfinite_gradient_layer_is_recorded_once():
-  # fc2's kernel holds a NaN: the logits and the gradients of fc2 and fc3
-  # are NaN, while fc1's gradient is exactly zero behind the dead ReLU.
-  model = DeadMiddle()
-  state, names, sites = _tiny_state(model)
+def _step_fn(names, sites, layer_stats=True):
+  return jax.jit(lambda s, b: train.train_step(
+      s, b, jax.random.key(0), layer_names=names, activation_sites=sites,
+      schedule=optax.constant_schedule(0.1), layer_stats=layer_stats))
+
+
+@pytest.mark.parametrize('layer_stats', [True, False])
+def test_nonfinite_origin_backward_pass(layer_stats):
+  state, names, sites = _tiny_state(BackwardBlowUp())
+  step = _step_fn(names, sites, layer_stats)
+  assert list(state.first_nonfinite) == [-1, -1, -1]
+  state, scalars = step(state, _batch())
+  assert math.isfinite(scalars['train/loss'])
+  if layer_stats:
+    assert math.isfinite(scalars['grad_norm/fc3'])
+    assert not math.isfinite(scalars['grad_max_abs/fc2'])
+    assert not math.isfinite(scalars['grad_max_abs/fc1'])
+  # Started in fc2 (index 1): not fc1, the first non-finite layer in
+  # forward order, where it merely arrived.
+  assert list(state.first_nonfinite) == [1, names.index('fc2'), -1]
+  state, _ = step(state, _batch(seed=1))  # Stays at the first occurrence.
+  assert list(state.first_nonfinite) == [1, 1, -1]
+
+
+def test_nonfinite_origin_forward_pass():
+  state, names, sites = _tiny_state(ForwardBlowUp())
   params = jax.tree.map(np.array, jax.device_get(state.params))
   params['fc2']['kernel'][0, 0] = np.nan
   state = state.replace(params=jax.tree.map(jnp.asarray, params))
-  step = jax.jit(lambda s, b: train.train_step(
-      s, b, jax.random.key(0), layer_names=names, activation_sites=sites,
-      schedule=optax.constant_schedule(0.1)))
-  assert list(state.first_nonfinite) == [-1, -1]
-  state, scalars = step(state, _batch())
-  assert scalars['grad_norm/fc1'] == 0
-  assert not math.isfinite(scalars['grad_norm/fc2'])
-  assert list(state.first_nonfinite) == [1, names.index('fc2')]
-  state, _ = step(state, _batch(seed=1))  # Stays at the first occurrence.
-  assert list(state.first_nonfinite) == [1, 1]
-  assert metrics.first_nonfinite(
-      [jnp.float32(1), jnp.float32(2)]) == -1
-  assert metrics.first_nonfinite(
-      [jnp.float32(1), jnp.inf, jnp.nan]) == 1
+  state, scalars = _step_fn(names, sites)(state, _batch())
+  assert math.isfinite(scalars['act_mean/act1'])
+  assert not math.isfinite(scalars['act_mean/act2'])
+  # The forward pass went non-finite at act2; every gradient followed.
+  assert [s for s, _ in sites] == ['act1', 'act2']
+  assert list(state.first_nonfinite) == [1, names.index('fc3'), 1]
+  assert metrics.first_true([jnp.bool_(False), jnp.bool_(False)]) == -1
+  flags = [jnp.bool_(v) for v in (False, True, False, True)]
+  assert metrics.first_true(flags) == 1
+  assert metrics.first_true(flags, last=True) == 3
 
 
 def test_probe_loss_is_deterministic_and_the_dropout_loss_is_not():
@@ -207,7 +240,8 @@ def _lenet_config(**overrides):
 
 
 def _read_histograms(workdir: pathlib.Path) -> dict:
-  """tag -> {step: number of values} from the TensorBoard event files."""
+  """tag -> {step: (number of values, largest |bucket edge|)} from the
+  TensorBoard event files."""
   import tensorflow as tf
   counts = {}
   for path in (workdir / 'tensorboard').glob('events.out.tfevents.*'):
@@ -216,8 +250,9 @@ def _read_histograms(workdir: pathlib.Path) -> dict:
         meta = value.metadata.plugin_data.plugin_name
         if meta == 'histograms':
           buckets = tf.make_ndarray(value.tensor)  # (left, right, count)
-          counts.setdefault(value.tag, {})[event.step] = int(
-              round(buckets[:, 2].sum()))
+          counts.setdefault(value.tag, {})[event.step] = (
+              int(round(buckets[:, 2].sum())),
+              float(np.abs(buckets[:, :2]).max()))
   return counts
 
 
@@ -230,48 +265,81 @@ def test_real_run_writes_histograms_and_activation_sites(tmp_path):
       'act1', 'act2', 'fc1_act', 'fc2_act']
   assert {s['activation'] for s in sites} == {'tanh'}
   hist = _read_histograms(workdir)
-  for layer in layers_json:  # Every gradient entry, at steps 1, 2 and 4.
-    assert hist[f'grads/{layer["name"]}'] == {
-        1: layer['num_params'], 2: layer['num_params'],
-        4: layer['num_params']}
-  # act1: 6 maps of 28x28 (width 0.5: 3 maps) per example, batch 16.
-  assert hist['activations/act1'][1] == 16 * 28 * 28 * 3
   lines = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
   train_lines = [l for l in lines if 'train/loss' in l]
+  by_step = {l['step']: l for l in train_lines}
+  for layer in layers_json:  # Every gradient entry, at steps 1, 2 and 4,
+    name = layer['name']    # spanning the step's own max |g|.
+    assert sorted(hist[f'grads/{name}']) == [1, 2, 4]
+    for step, (count, edge) in hist[f'grads/{name}'].items():
+      assert count == layer['num_params']
+      np.testing.assert_allclose(edge, by_step[step][f'grad_max_abs/{name}'],
+                                 rtol=1e-5)
+  # act1: 6 maps of 28x28 (width 0.5: 3 maps) per example, batch 16; tanh
+  # keeps it within (-1, 1).
+  count, edge = hist['activations/act1'][1]
+  assert count == 16 * 28 * 28 * 3 and 0 < edge < 1
   for site in ('act1', 'act2', 'fc1_act', 'fc2_act'):
     assert 0 <= train_lines[-1][f'act_saturated/{site}'] <= 1
     assert f'act_dead/{site}' not in train_lines[-1]  # tanh: no dead units.
   assert all('probe/loss' in l for l in train_lines)
   assert 'probe/bn_train_eval_gap' not in train_lines[-1]  # No batch norm.
 
-  # The monotonic check agrees with the logged probe losses.
-  probe = [l['probe/loss'] for l in train_lines]
-  falls = all(b <= a * (1 + check.DEFAULT_TOLERANCE)
-              for a, b in zip(probe, probe[1:]))
-  assert check.main(['monotonic', str(workdir)]) == (0 if falls else 1)
 
 
-def test_diverging_run_names_the_first_nonfinite_layer(tmp_path, capsys):
+def test_dropout_off_cost_falls_monotonically(tmp_path, capsys):
+  """The sanity check of the issue: dropout off (VGG's hidden layers drop
+  nothing), a small learning rate; the probe loss falls at every step."""
+  from configs import vgg11_nobn
+  config = vgg11_nobn.get_config()
+  config.model.update(width=0.125, dropout_rate=0.0)
+  config.optim.update(name='adam', learning_rate=1e-3, weight_decay=0.0,
+                      schedule='constant')
+  config.train.update(num_steps=5, batch_size=32)
+  config.update(log_every_steps=1, eval_every_steps=0, eval_num_examples=50,
+                probe_batch_size=128)
+  train.train_and_evaluate(config, tmp_path / 'run')
+  capsys.readouterr()
+  assert check.main(['monotonic', str(tmp_path / 'run')]) == 0
+  assert 'monotonic: probe/loss over 5 logged steps' in (
+      capsys.readouterr().out)
+
+
+def test_diverging_run_names_where_nonfinite_values_started(tmp_path,
+                                                           capsys):
   config = _lenet_config(**{'model.activation': 'relu',
                             'optim.learning_rate': 1e12})
   train.train_and_evaluate(config, tmp_path / 'run')
   out = capsys.readouterr().out
   lines = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
-  flagged = [l for l in lines if 'nonfinite/first_grad_layer' in l]
+  flagged = [l for l in lines if 'nonfinite/first_step' in l]
   assert len(flagged) == 1  # Reported once, at the first log step after.
   line = flagged[0]
+  step = line['nonfinite/first_step']
+  assert 1 <= step <= line['step']
   names = [l['name'] for l in json.loads(
       (tmp_path / 'run' / 'layers.json').read_text())]
-  bad = line['nonfinite/first_grad_layer']
-  step = line['nonfinite/first_step']
-  assert bad in names and 1 <= step <= line['step']
-  # That layer's norm is non-finite at that step, every earlier one finite.
-  at_step = next(l for l in lines if l['step'] == step and 'train/loss' in l)
-  norms = [float(at_step[f'grad_norm/{n}']) for n in names]
-  assert not math.isfinite(norms[names.index(bad)])
-  assert all(math.isfinite(v) for v in norms[:names.index(bad)])
-  assert f'non-finite gradient first at step {step}' in out
-  assert f'first in layer {bad}' in out
+  sites = [s['name'] for s in json.loads(
+      (tmp_path / 'run' / 'activations.json').read_text())]
+  # Logged every step: the line of that step, and the one before it.
+  at_step = {l['step']: l for l in lines if 'train/loss' in l}
+  finite = lambda v: math.isfinite(float(v))
+  assert step == min(s for s, l in at_step.items()
+                     if not finite(l['grad_norm/global']))
+  now = at_step[step]
+  if 'nonfinite/first_activation' in line:  # The forward pass overflowed.
+    site = line['nonfinite/first_activation']
+    i = sites.index(site)
+    assert not finite(now[f'act_mean/{site}'])
+    assert all(finite(now[f'act_mean/{s}']) for s in sites[:i])
+    assert f'forward pass first at activation {site}' in out
+  else:  # The backward pass: deeper layers (computed first) are finite.
+    layer = line['nonfinite/first_grad_layer']
+    i = names.index(layer)
+    assert not finite(now[f'grad_max_abs/{layer}'])
+    assert all(finite(now[f'grad_max_abs/{n}']) for n in names[i + 1:])
+    assert f'backward pass first in layer {layer}' in out
+  assert f'non-finite values from step {step} on' in out
 
 
 def _fake_run(path, values, key='probe/loss'):

@@ -128,6 +128,8 @@ BAD_INPUTS = [
      "model.branch5='7x7' is not allowed"),
     (['--config=resnet20', '--config.model.name=resnet21'],
      "model.name='resnet21' is not allowed"),
+    (['--config=lenet5', '--config.histogram_every_steps=-5'],
+     'histogram_every_steps=-5 is not allowed'),
 ]
 
 
