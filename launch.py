@@ -22,13 +22,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Folder for metrics, plots and TensorBoard files '
-    '(default: runs/<name>-<time>).')
+    '(default: runs/<name>-<time>). A workdir holding a run of the same '
+    'config resumes it from its latest checkpoint.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Delete the run in --workdir if it was made with '
+    'another config (otherwise that is refused).')
 
 
-def fail(message: str) -> None:
-  """One line on stderr, exit status 2: the contract for bad input."""
+def fail(message: str, status: int = 2) -> None:
+  """One line on stderr, exit status 2: the contract for bad input (3: the
+  run diverged under on_nonfinite=halt)."""
   print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def _config_path(argv) -> str | None:
@@ -93,11 +98,13 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.ERROR)
   from cnn_lab.errors import ConfigError
-  from cnn_lab.train import train_and_evaluate
+  from cnn_lab.train import Diverged, train_and_evaluate
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
   except ConfigError as e:
     fail(e)
+  except Diverged as e:
+    fail(e, status=3)
   except PermissionError as e:
     fail(f'cannot write the workdir: {e}')
 

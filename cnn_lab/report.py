@@ -18,6 +18,7 @@ import datetime
 import html
 import json
 import math
+import os
 import pathlib
 import sys
 import tempfile
@@ -250,7 +251,9 @@ def write_report(workdirs, out, verbose: bool = False) -> pathlib.Path:
           + '\n</body>\n</html>\n')
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(page, encoding='utf-8')
+  tmp = out.with_name(f'.{out.name}.tmp')  # Atomic: never half a page.
+  tmp.write_text(page, encoding='utf-8')
+  os.replace(tmp, out)
   say(f'[report] wrote {out} ({out.stat().st_size / 1024:.0f} KiB, '
       f'{len(pngs)} figures)', flush=True)
   return out

@@ -9,8 +9,11 @@ config leaves nothing behind.
 
 import datetime
 import functools
+import json
 import math
+import os
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -23,8 +26,9 @@ from flax.training import train_state
 
 from cnn_lab import data as data_lib
 from cnn_lab import metrics as metrics_lib
+from cnn_lab import checkpoints as checkpoints_lib
 from cnn_lab import layers, models, optim, plots, writers
-from cnn_lab.errors import ConfigError, check_positive
+from cnn_lab.errors import ConfigError, check_choice, check_positive
 
 
 class TrainState(train_state.TrainState):
@@ -36,6 +40,7 @@ class TrainState(train_state.TrainState):
   while every gradient has been finite."""
   batch_stats: Any = flax.core.FrozenDict()
   first_nonfinite: jax.Array = None  # [step, grad layer, activation site].
+  skipped_steps: jax.Array = None  # Updates dropped by on_nonfinite='skip'.
 
 
 def steps_from_epochs(num_epochs: float, num_examples: int,
@@ -54,7 +59,8 @@ def create_train_state(model, tx, image_shape, key) -> TrainState:
   return TrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
       batch_stats=variables.get('batch_stats', {}),
-      first_nonfinite=jnp.full((3,), -1, jnp.int32))
+      first_nonfinite=jnp.full((3,), -1, jnp.int32),
+      skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def _variables(state: TrainState, params) -> dict:
@@ -99,7 +105,8 @@ def _loss_and_grads(state: TrainState, batch, key, aux_loss_weight: float,
 
 def train_step(state: TrainState, batch, dropout_key, *, layer_names,
                schedule, activation_sites=(), bn_layers=(),
-               aux_loss_weight: float = 0.3, layer_stats: bool = True):
+               aux_loss_weight: float = 0.3, layer_stats: bool = True,
+               skip_nonfinite: bool = False):
   """One optimiser step; returns the new state and a flat dict of scalars.
 
   With `layer_stats`, the scalars include every per-layer statistic of
@@ -108,7 +115,9 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
   the step computes anyway. Without, the step computes only the loss,
   accuracy and global gradient norm, and looks at single layers only when
   that norm is not finite. Either way the state records where the first
-  non-finite gradient appeared (`metrics.nonfinite_origin`).
+  non-finite gradient appeared (`metrics.nonfinite_origin`). With
+  `skip_nonfinite`, a step whose loss or gradient is not finite changes
+  nothing but the step counter and `skipped_steps`.
   """
   # A fresh dropout mask every step, derived from the step number so that a
   # resumed run draws the same masks as an uninterrupted one.
@@ -149,6 +158,16 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
   new_state = new_state.replace(first_nonfinite=jnp.where(
       (state.first_nonfinite[0] < 0) & jnp.any(origin >= 0), first,
       state.first_nonfinite))
+  if skip_nonfinite:
+    ok = jnp.isfinite(scalars['grad_norm/global']) & jnp.isfinite(loss)
+    keep = lambda new, old: jax.tree.map(
+        lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = new_state.replace(
+        params=keep(new_state.params, state.params),
+        opt_state=keep(new_state.opt_state, state.opt_state),
+        batch_stats=keep(new_state.batch_stats, state.batch_stats),
+        skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32))
+    scalars['train/skipped_steps'] = new_state.skipped_steps
   return new_state, scalars
 
 
@@ -231,20 +250,116 @@ def evaluate(eval_fn, state, pipeline, batch_size, num_examples) -> dict:
           'eval/accuracy': totals['correct_sum'] / totals['count']}
 
 
+def _halt_if_diverged(first_bad, on_nonfinite, layer_names, sites,
+                      checkpoints, writer) -> None:
+  """Raises Diverged when a non-finite value was recorded and on_nonfinite
+  is 'halt'; the checkpoints on disk (all from before it) stay."""
+  if on_nonfinite != 'halt' or first_bad is None or first_bad[0] < 0:
+    return
+  writer.close()
+  steps = checkpoints.steps()
+  checkpoints.close()
+  plots.plot_run(writer.workdir)  # A diverged run is worth looking at.
+  kept = (f'the last good checkpoint is step {steps[-1]}' if steps
+          else 'no checkpoint had been written yet')
+  raise Diverged(
+      f'the run diverged: non-finite values at step {first_bad[0]} '
+      f'({_nonfinite_where(first_bad, layer_names, sites)}); stopped '
+      f'({kept}). Lower the learning rate, clip gradients '
+      '(optim.grad_clip_norm), or set on_nonfinite=skip')
+
+
+def _check_workdir_writable(workdir: pathlib.Path) -> None:
+  """The workdir, or the nearest folder above it that exists, must be a
+  folder this process can write into (checked before anything is built)."""
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f'workdir {workdir} exists and is not a folder')
+  existing = workdir
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise ConfigError(f'cannot create the workdir {workdir}: {existing} is '
+                      'not a folder')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f'cannot write the workdir {workdir}: {existing} is '
+                      'not writable')
+
+
+def _check_existing_run(workdir: pathlib.Path, resolved: dict,
+                        overwrite: bool) -> bool:
+  """True when `workdir` holds a run of this very config (resume it).
+
+  A run of another config is refused with the differing fields, unless
+  `overwrite`, which deletes that run's files. Nothing is changed on refusal.
+  """
+  config_path = workdir / 'config.json'
+  if not config_path.exists():
+    if (workdir / 'metrics.jsonl').exists():
+      raise ConfigError(f'workdir {workdir} holds metrics but no config.json;'
+                        ' choose another --workdir or delete it')
+    return False
+  try:
+    old = json.loads(config_path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'cannot read {config_path}: {e}') from None
+  # Through JSON, so that tuples and lists compare equal.
+  new = json.loads(json.dumps(resolved))
+  differing = _differing_fields(old, new)
+  if not differing:
+    return True
+  if not overwrite:
+    shown = '; '.join(f'{k}: {a!r} there, {b!r} here'
+                      for k, a, b in differing[:6])
+    more = f' (and {len(differing) - 6} more)' if len(differing) > 6 else ''
+    raise ConfigError(
+        f'workdir {workdir} holds a run of another config: {shown}{more}. '
+        'Choose another --workdir, or pass --overwrite to delete that run')
+  for name in RUN_FILES:
+    path = workdir / name
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path.exists():
+      path.unlink()
+  return False
+
+
+# Everything a run writes into its workdir (--overwrite deletes these).
+RUN_FILES = ('config.json', 'layers.json', 'activations.json',
+             'metrics.jsonl', 'tensorboard', 'plots', 'checkpoints',
+             'checkpoints_damaged')
+
+
+def _differing_fields(old, new, prefix='') -> list[tuple[str, Any, Any]]:
+  if not (isinstance(old, dict) and isinstance(new, dict)):
+    return [] if old == new else [(prefix.rstrip('.'), old, new)]
+  out = []
+  for key in sorted(set(old) | set(new)):
+    out += _differing_fields(old.get(key, '<absent>'),
+                             new.get(key, '<absent>'), f'{prefix}{key}.')
+  return out
+
+
 def _nonfinite_report(first_bad, layer_names, sites) -> dict:
   """The metrics-line keys for TrainState.first_nonfinite, and a warning."""
   step, layer, site = (int(v) for v in first_bad)
   keys = {'nonfinite/first_step': step}
-  where = []
   if site >= 0:
     keys['nonfinite/first_activation'] = sites[site][0]
-    where.append(f'the forward pass first at activation {sites[site][0]}')
   if layer >= 0:
     keys['nonfinite/first_grad_layer'] = layer_names[layer]
-    where.append(f'the backward pass first in layer {layer_names[layer]}')
   print(f'  warning: non-finite values from step {step} on: '
-        f'{"; ".join(where)}', flush=True)
+        f'{_nonfinite_where(first_bad, layer_names, sites)}', flush=True)
   return keys
+
+
+def _nonfinite_where(first_bad, layer_names, sites) -> str:
+  _, layer, site = (int(v) for v in first_bad)
+  where = []
+  if site >= 0:
+    where.append(f'the forward pass first at activation {sites[site][0]}')
+  if layer >= 0:
+    where.append(f'the backward pass first in layer {layer_names[layer]}')
+  return '; '.join(where) or 'non-finite loss'
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -281,12 +396,27 @@ def _check_train_config(train_cfg, num_train_examples: int) -> int:
                            train_cfg.batch_size)
 
 
+ON_NONFINITE = ('halt', 'skip')
+
+
+class Diverged(Exception):
+  """The loss or a gradient became non-finite under on_nonfinite='halt'."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str | pathlib.Path | None) -> dict:
-  """Trains `config` into `workdir`; returns the final evaluation metrics."""
+                       workdir: str | pathlib.Path | None,
+                       overwrite: bool = False) -> dict:
+  """Trains `config` into `workdir`; returns the final evaluation metrics.
+
+  A workdir that already holds a run of the same config is resumed from its
+  latest complete checkpoint (a finished run is left as it is); one that
+  holds another config is refused, unless `overwrite` deletes that run.
+  Raises ConfigError for an invalid config, Diverged when on_nonfinite is
+  'halt' and the run diverged.
+  """
   # --- Validate and build everything before touching the filesystem. ---
   for field in ('log_every_steps', 'eval_every_steps',
-                'histogram_every_steps'):
+                'histogram_every_steps', 'checkpoint_every_steps'):
     value = config.get(field, 0)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
       raise ConfigError(f'{field}={value!r} is not allowed; it must be an '
@@ -299,6 +429,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                       'be True or False')
   probe_size = config.get('probe_batch_size', 256)
   check_positive('probe_batch_size', probe_size, integer=True)
+  checkpoint_keep = config.get('checkpoint_keep', 3)
+  check_positive('checkpoint_keep', checkpoint_keep, integer=True)
+  on_nonfinite = config.get('on_nonfinite', 'halt')
+  check_choice('on_nonfinite', on_nonfinite, ON_NONFINITE)
   if not isinstance(config.seed, int):
     raise ConfigError(f'seed={config.seed!r} is not allowed; it must be an '
                       'integer')
@@ -309,10 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     raise ConfigError(f'train.aux_loss_weight={aux_loss_weight!r} is not '
                       'allowed; it must be a number >= 0')
   workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
-  if (workdir / 'metrics.jsonl').exists():
-    # Appending would mix two runs in one file.
-    raise ConfigError(f'workdir {workdir} already holds a run; choose another '
-                      '--workdir or delete it')
+  _check_workdir_writable(workdir)
   # Model knobs and optimiser first: they need no data, and loading a
   # dataset takes seconds.
   model_cfg = config.model.to_dict()
@@ -340,10 +471,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   bn_layers = tuple(metrics_lib.batch_norm_layers(*sample))
   probe_batch = jax.device_put(datasets.train.fixed_batch(probe_size))
 
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'plots').mkdir(exist_ok=True)
   resolved = config.to_dict()
   resolved['model']['num_classes'] = model_cfg['num_classes']
+  resume = _check_existing_run(workdir, resolved, overwrite)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'plots').mkdir(exist_ok=True)
   writers.write_json_atomic(workdir / 'config.json', resolved)
   writers.write_json_atomic(workdir / 'layers.json', [
       {'name': name, 'kind': _layer_kind(name, state.params),
@@ -356,6 +488,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   print(f'{config.name}: {model_cfg["name"]} with {num_params:,} parameters, '
         f'{datasets.name} {datasets.image_shape}, {num_steps} steps of '
         f'batch {batch_size}; workdir {workdir}', flush=True)
+
+  # --- Resume: the latest complete checkpoint, and the metric lines up to
+  # its step (later ones were written after it and will be written again).
+  checkpoints = checkpoints_lib.Checkpoints(workdir, keep=checkpoint_keep)
+  start = 0
+  if resume:
+    state, start = checkpoints.restore_latest(state)
+    kept = writers.truncate_metrics(workdir, start)
+    if start:
+      print(f'  resumed from the checkpoint of step {start} '
+            f'({kept} metric lines kept)', flush=True)
+    else:
+      print(f'  no complete checkpoint in {workdir}: starting from step 0',
+            flush=True)
+    if start >= num_steps:
+      checkpoints.close()
+      print(f'  the run was already complete ({num_steps} steps)',
+            flush=True)
+      lines = [l for l in writers.read_metrics(workdir) if 'eval/loss' in l]
+      return {k: float(v) for k, v in lines[-1].items()
+              if k.startswith('eval/')} if lines else {}
 
   key_order = ['train/loss', 'train/aux_loss', 'train/accuracy',
                'train/learning_rate', 'probe/loss', 'probe/eval_mode_loss',
@@ -377,7 +530,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       functools.partial(train_step, **names, bn_layers=bn_layers,
                         schedule=schedule,
                         aux_loss_weight=aux_loss_weight,
-                        layer_stats=layer_stats),
+                        layer_stats=layer_stats,
+                        skip_nonfinite=on_nonfinite == 'skip'),
       donate_argnums=(0,))
   p_histogram_step = jax.jit(functools.partial(
       histogram_step, **names, aux_loss_weight=aux_loss_weight))
@@ -386,29 +540,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # --- Train. ---
   batches = data_lib.prefetch(
-      datasets.train.train_batches(batch_size, config.seed, start_step=0),
+      datasets.train.train_batches(batch_size, config.seed,
+                                   start_step=start),
       size=3, transform=jax.device_put)
   log_every = config.log_every_steps or num_steps
   eval_every = config.eval_every_steps or num_steps
   histogram_every = config.get('histogram_every_steps', 0)
-  nonfinite_reported = False
+  checkpoint_every = config.get('checkpoint_every_steps', 0) or num_steps
+  nonfinite_reported = any('nonfinite/first_step' in l
+                           for l in writers.read_metrics(workdir))
   eval_result = {}
   # Compile the probe now, so that the first logged rate is the step's.
   jax.block_until_ready(p_probe_step(state, probe_batch))
   t_start = time.perf_counter()
-  t_last, step_last = t_start, 0
-  for step in range(1, num_steps + 1):
+  t_last, step_last = t_start, start
+  for step in range(start + 1, num_steps + 1):
     batch = next(batches)
     if histogram_every and (step % histogram_every == 0 or step == 1):
       # Before the step, on its batch: the gradients it is about to apply.
       writer.write_histograms(step, jax.device_get(
           p_histogram_step(state, batch, dropout_key)))
     state, scalars = p_train_step(state, batch, dropout_key)
-    if step == 1:
+    if step == start + 1:
       jax.block_until_ready(state)
-      t_last, step_last = time.perf_counter(), 1
-      print(f'  compiled and ran step 1 in {t_last - t_start:.1f}s',
+      t_last, step_last = time.perf_counter(), step
+      print(f'  compiled and ran step {step} in {t_last - t_start:.1f}s',
             flush=True)
+    first_bad = None
     if step % log_every == 0 or step == num_steps:
       scalars = jax.device_get({**scalars, **p_probe_step(state, probe_batch)})
       first_bad = jax.device_get(state.first_nonfinite)
@@ -416,8 +574,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         nonfinite_reported = True
         scalars.update(_nonfinite_report(first_bad, layer_names, sites))
       line = writer.write(step, scalars)
+      _halt_if_diverged(first_bad, on_nonfinite, layer_names, sites,
+                        checkpoints, writer)
       now = time.perf_counter()
-      rate = (step - step_last) / max(now - t_last, 1e-9) if step > 1 else 0
+      rate = ((step - step_last) / max(now - t_last, 1e-9)
+              if step > step_last else 0)
       t_last, step_last = now, step
       eta = (num_steps - step) / rate if rate else 0
       print(f'  step {step:>{len(str(num_steps))}}/{num_steps}  '
@@ -433,7 +594,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       writer.write(step, eval_result)
       print(f'  eval at step {step}: loss {eval_result["eval/loss"]:.4f}  '
             f'accuracy {eval_result["eval/accuracy"]:.4f}', flush=True)
+    if step % checkpoint_every == 0 or step == num_steps:
+      # Never save a diverged state: halt first, keeping the last good one.
+      first_bad = jax.device_get(state.first_nonfinite)
+      _halt_if_diverged(first_bad, on_nonfinite, layer_names, sites,
+                        checkpoints, writer)
+      writer.flush()  # Every line of this step is on disk before it.
+      checkpoints.save(state)
   writer.close()
+  checkpoints.close()
 
   # --- Plots, from the files just written. ---
   plot_paths = plots.plot_run(workdir)

@@ -96,3 +96,23 @@ def read_metrics(workdir) -> list[dict]:
       except json.JSONDecodeError:
         break
   return lines
+
+
+def truncate_metrics(workdir, last_step: int) -> int:
+  """Keeps the lines of `<workdir>/metrics.jsonl` up to `last_step` (and
+  drops a torn last line), rewriting the file atomically; returns how many
+  lines were kept. Resuming from the checkpoint of `last_step` then writes
+  every later line exactly once."""
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return 0
+  kept = [l for l in read_metrics(workdir)
+          if isinstance(l, dict) and l.get('step', 0) <= last_step]
+  tmp = path.with_name(f'.{path.name}.tmp')
+  with open(tmp, 'w') as f:
+    for line in kept:
+      f.write(json.dumps(line) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(kept)

@@ -46,6 +46,9 @@ def get_config() -> config_dict.ConfigDict:
   config.layer_stats = True  # Per-layer statistics (in the step; logged).
   config.probe_batch_size = 256  # Fixed training batch for probe/* losses.
   config.histogram_every_steps = 0  # TensorBoard histograms; 0: off.
+  config.checkpoint_every_steps = 500  # Orbax checkpoint; 0: at the end only.
+  config.checkpoint_keep = 3  # Newest checkpoints kept.
+  config.on_nonfinite = 'halt'  # halt (exit 3) or skip the update.
   config.eval_every_steps = 1000  # Test-split evaluation; 0: at the end only.
   config.eval_batch_size = 500  # Batch size of evaluation.
   config.eval_num_examples = config_dict.placeholder(int)  # None: whole split.

@@ -309,7 +309,8 @@ def test_diverging_run_names_where_nonfinite_values_started(tmp_path,
                                                            capsys):
   config = _lenet_config(**{'model.activation': 'relu',
                             'optim.learning_rate': 1e12})
-  train.train_and_evaluate(config, tmp_path / 'run')
+  with pytest.raises(train.Diverged):  # on_nonfinite='halt', the default.
+    train.train_and_evaluate(config, tmp_path / 'run')
   out = capsys.readouterr().out
   lines = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
   flagged = [l for l in lines if 'nonfinite/first_step' in l]

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import matplotlib.image
 import numpy as np
@@ -130,26 +131,87 @@ BAD_INPUTS = [
      "model.name='resnet21' is not allowed"),
     (['--config=lenet5', '--config.histogram_every_steps=-5'],
      'histogram_every_steps=-5 is not allowed'),
+    # Runs, optimisers and data that cannot work.
+    (['--config.data.dataset=cifar10'],
+     "data.dataset='cifar10' is not prepared"),
+    (['--config.optim.name=rmsprop'], "optim.name='rmsprop'"),
+    (['--config.optim.schedule=linear'], "optim.schedule='linear'"),
+    (['--config.optim.learning_rate=nan'], 'optim.learning_rate=nan'),
+    (['--config.optim.learning_rate=inf'], 'optim.learning_rate=inf'),
+    (['--config=lenet5', '--config.train.batch_size=100000'],
+     'train.batch_size=100000 is larger than the training split'),
+    (['--config=lenet5', '--config.on_nonfinite=ignore'],
+     "on_nonfinite='ignore' is not allowed"),
+    (['--config=lenet5', '--config.checkpoint_every_steps=-1'],
+     'checkpoint_every_steps=-1'),
+    (['--config=lenet5', '--config.checkpoint_keep=0'], 'checkpoint_keep=0'),
+    (['--config=lenet5', '--workdir=/dev/null/run'],
+     'cannot create the workdir /dev/null/run'),
+    (['--config=no_such_config'], 'no_such_config.py does not exist'),
 ]
 
 
-@pytest.mark.parametrize('args,names', BAD_INPUTS, ids=lambda a: str(a))
-def test_bad_input_one_line_exit_2_no_workdir(args, names, tmp_path):
-  workdir = tmp_path / 'run'
-  config = 'vgg16_nobn'
-  if args[0].startswith('--config='):
-    config, args = args[0].split('=')[1], args[1:]
-  proc = launch(f'--config={ROOT}/configs/{config}.py',
-                f'--workdir={workdir}',
-                *args, cwd=tmp_path)
-  _, err = proc.communicate(timeout=300)
+def _digest(folder: pathlib.Path) -> dict:
+  """Every file's bytes and every folder (None) below `folder`."""
+  return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+          for p in sorted(folder.rglob('*'))}
+
+
+def _existing_run(workdir: pathlib.Path) -> None:
+  """A workdir that already holds (the files of) a run."""
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)
+  (workdir / 'checkpoints' / '4' / 'state').write_bytes(b'\x00' * 64)
+  (workdir / 'config.json').write_text('{"name": "earlier"}\n')
+  (workdir / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 2.3}\n')
+
+
+@pytest.fixture(scope='module')
+def bad_input_results(tmp_path_factory):
+  """Every row of BAD_INPUTS through launch.py, three at a time (each
+  launch is mostly Python start-up), each in a folder of its own: even rows
+  into a new workdir, odd rows into one that holds a run already."""
+  jobs = []
+  for i, (args, _) in enumerate(BAD_INPUTS):
+    cwd = tmp_path_factory.mktemp(f'bad{i}')
+    workdir = cwd / 'run'
+    if i % 2:
+      _existing_run(workdir)
+    config = 'vgg16_nobn'
+    if args[0].startswith('--config='):
+      config, args = args[0].split('=')[1], args[1:]
+    jobs.append((cwd, workdir, [f'--config={ROOT}/configs/{config}.py',
+                                f'--workdir={workdir}', *args]))
+  results, running = [None] * len(jobs), {}
+  before = {i: _digest(cwd) for i, (cwd, _, _) in enumerate(jobs)}
+  for i, (cwd, _, argv) in enumerate(jobs):
+    while len(running) >= 3:
+      for j, proc in list(running.items()):
+        if proc.poll() is not None:
+          results[j] = (proc.returncode, proc.communicate()[1])
+          del running[j]
+      time.sleep(0.05)
+    running[i] = launch(*argv, cwd=cwd)
+  for j, proc in running.items():
+    _, err = proc.communicate(timeout=300)
+    results[j] = (proc.returncode, err)
+  return [(cwd, workdir, before[i], *results[i])
+          for i, (cwd, workdir, _) in enumerate(jobs)]
+
+
+@pytest.mark.parametrize('row', range(len(BAD_INPUTS)),
+                         ids=[str(a) for a, _ in BAD_INPUTS])
+def test_bad_input_one_line_exit_2_nothing_written(row, bad_input_results):
+  _, names = BAD_INPUTS[row]
+  cwd, workdir, before, returncode, err = bad_input_results[row]
   lines = err.strip().splitlines()
-  assert proc.returncode == 2, err
+  assert returncode == 2, err
   assert len(lines) == 1, err
   assert lines[0].startswith('error: ') and names in lines[0], err
   assert 'Traceback' not in err
-  assert not workdir.exists()
-  assert list(tmp_path.iterdir()) == []  # Nothing written anywhere here.
+  # Nothing written: a new workdir is not created, an existing one is left
+  # byte for byte as it was, and nothing else appears.
+  assert _digest(cwd) == before
+  assert workdir.exists() == bool(row % 2) or '/dev/null' in err
 
 
 def test_missing_config_file(tmp_path):
@@ -173,11 +235,13 @@ def test_broken_config_file(text, names, tmp_path):
   assert names in lines[0] and 'Traceback' not in err
 
 
-def test_workdir_holding_a_run_is_refused_and_left_alone(two_runs):
+def test_finished_run_launched_again_is_left_alone(two_runs):
   workdir = two_runs[0]
   before = (workdir / 'metrics.jsonl').read_bytes()
   proc = launch(f'--config={ROOT}/configs/vgg16_nobn.py',
-                f'--workdir={workdir}', *TINY)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 2 and 'already holds a run' in err, err
+                f'--workdir={workdir}', *TINY, '--config.model.norm=none')
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert 'resumed from the checkpoint of step 3' in out
+  assert 'the run was already complete (3 steps)' in out
   assert (workdir / 'metrics.jsonl').read_bytes() == before
