@@ -4,14 +4,17 @@ determinism."""
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -234,3 +237,29 @@ def test_skip_drops_nonfinite_updates_and_counts_them(tmp_path):
   assert all(np.isfinite(v).all()
              for v in final_params(tmp_path / 'run').values())
   assert np.isfinite(lines[-1]['eval/loss'])
+
+
+def test_each_step_function_compiles_once_also_after_resume(
+    tmp_path, caplog, capsys):
+  """No recompilation inside the loop: per process, the train, probe,
+  histogram and eval steps compile once each, also in a resumed run whose
+  state came from a checkpoint."""
+  config = configure(lenet5, {**SHORT, 'train.num_steps': 8,
+                              'eval_every_steps': 3,
+                              'histogram_every_steps': 2})
+  counts = []
+  for attempt in range(2):
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+      train.train_and_evaluate(config, tmp_path / 'run')
+    compiled = [r.getMessage() for r in caplog.records]
+    counts.append({name: sum(m.startswith(f'Compiling jit({name})')
+                             for m in compiled)
+                   for name in ('train_step', 'probe_step', 'histogram_step',
+                                'eval_step')})
+    if attempt == 0:  # Resume from step 4 next time.
+      shutil.rmtree(tmp_path / 'run' / 'checkpoints' / '8')
+  assert 'resumed from the checkpoint of step 4' in capsys.readouterr().out
+  assert counts[0] == {'train_step': 1, 'probe_step': 1, 'histogram_step': 1,
+                       'eval_step': 1}, counts
+  assert counts[1] == counts[0], counts
