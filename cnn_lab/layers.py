@@ -114,7 +114,9 @@ def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
 
 
 class Conv(nn.Module):
-  """Drop-in for `nn.Conv` (NHWC input, HWIO kernel) using `conv2d`."""
+  """Drop-in for `nn.Conv` (NHWC input, HWIO kernel) using `conv2d`. The
+  parameters are stored in `param_dtype`; input, kernel and bias are cast to
+  `dtype` and the convolution runs (and returns) in it, as in `nn.Conv`."""
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
@@ -123,14 +125,20 @@ class Conv(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
   impl: str = 'auto'
+  dtype: Any = jnp.float32  # Computation.
+  param_dtype: Any = jnp.float32  # Stored weights.
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param('kernel', self.kernel_init,
-                        (*self.kernel_size, x.shape[-1], self.features))
+                        (*self.kernel_size, x.shape[-1], self.features),
+                        self.param_dtype)
+    x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
     y = conv2d(x, kernel, self.strides, self.padding, self.impl)
     if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (self.features,))
+      bias = self.param('bias', self.bias_init, (self.features,),
+                        self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
     return y
 
 
@@ -145,10 +153,20 @@ KERNEL_INITS = ('he_normal', 'he_uniform', 'glorot_normal', 'glorot_uniform',
 
 NORMS = ('none', 'batch')
 
+# `model.dtype`: the dtype convolutions, dense layers and activations compute
+# in. Parameters, batch-norm statistics and the loss stay float32 either way.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
 
 def get_activation(name: str) -> Callable[[Array], Array]:
   check_choice('model.activation', name, tuple(ACTIVATIONS))
   return ACTIVATIONS[name]
+
+
+def get_dtype(name: str):
+  """The compute dtype named by `model.dtype` ('float32', 'bfloat16')."""
+  check_choice('model.dtype', name, tuple(DTYPES))
+  return DTYPES[name]
 
 
 # Variable collections that `Activation` fills when the caller makes them
@@ -209,13 +227,16 @@ def get_kernel_init(name: str, std: float = 0.01) -> Callable:
 BN_MOMENTUM = 0.9
 
 
-def make_norm(norm: str, train: bool, name: str,
-              epsilon: float = 1e-5) -> Callable[[Array], Array]:
+def make_norm(norm: str, train: bool, name: str, epsilon: float = 1e-5,
+              dtype: Any = jnp.float32) -> Callable[[Array], Array]:
   """Batch norm over (N, H, W) per channel, with a learnable scale and shift;
-  batch statistics in training, moving averages in evaluation."""
+  batch statistics in training, moving averages in evaluation. Whatever
+  `dtype` (that of its output), flax computes the batch mean and variance in
+  float32, and keeps scale, shift and moving averages in float32."""
   if norm == 'batch':
     return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                        epsilon=epsilon, name=name)
+                        epsilon=epsilon, dtype=dtype,
+                        param_dtype=jnp.float32, name=name)
   return lambda x: x
 
 
@@ -283,8 +304,9 @@ def avg_pool(x: Array, window: int, stride: int | None = None,
   if not isinstance(padding, str) or padding == 'CEIL':
     padding = (_pool_padding(padding, x.shape[1], window, stride),
                _pool_padding(padding, x.shape[2], window, stride))
+  # Without the padding cells flax divides by a float32 count: keep x's dtype.
   return nn.avg_pool(x, (window, window), (stride, stride), padding,
-                     count_include_pad=include_pad)
+                     count_include_pad=include_pad).astype(x.dtype)
 
 
 def adaptive_avg_pool(x: Array, out_size: int) -> Array:
@@ -318,10 +340,12 @@ def local_response_norm(x: Array, size: int = 5, k: float = 2.0,
                         alpha: float = 1e-4, beta: float = 0.75) -> Array:
   """AlexNet's local response normalisation across channels (Krizhevsky et
   al. 2012, Sec. 3.3): x / (k + alpha * sum of x^2 over `size` neighbouring
-  channels)^beta, with the paper's constants."""
-  sq = jnp.square(x)
+  channels)^beta, with the paper's constants. The denominator is computed
+  in float32 whatever x's dtype: in bfloat16 (8 significant bits) k = 2
+  would absorb alpha * sum until the sum reaches about 80."""
+  sq = jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
   half = size // 2
   padded = jnp.pad(sq, ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
   c = x.shape[-1]
   window_sum = sum(padded[..., i:i + c] for i in range(size))
-  return x / (k + alpha * window_sum) ** beta
+  return (x / (k + alpha * window_sum) ** beta).astype(x.dtype)

@@ -24,6 +24,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model.width = 1.0  # Channel and hidden-unit multiplier.
   config.model.num_classes = config_dict.placeholder(int)  # None: dataset's.
   config.model.conv_impl = 'auto'  # auto, xla, shifted or im2col.
+  config.model.dtype = 'float32'  # Compute dtype: float32 or bfloat16.
 
   config.data.image_size = 28  # The first convolution pads by 2.
   config.optim.learning_rate = 0.05  # SGD with momentum 0.9, cosine decay.

@@ -101,6 +101,7 @@ def create_model(*, name: str, **knobs) -> nn.Module:
                tuple(layers.ACTIVATIONS))
   layers.get_kernel_init(values['kernel_init'], values['init_std'])
   check_choice('model.conv_impl', values['conv_impl'], layers.CONV_IMPLS)
+  layers.get_dtype(values['dtype'])
   check_positive('model.num_classes', values['num_classes'], integer=True)
   check_positive('model.width', values['width'])
   if 'dropout_rate' in values:

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cnn_lab import layers
 
@@ -44,11 +45,14 @@ class AlexNet(nn.Module):
   width: float = 1.0
   head_features: Sequence[int] = (4096, 4096)
   conv_impl: str = 'auto'
+  dtype: str = 'float32'  # Compute dtype; parameters stay float32.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     layers.check_input_size(x, 28, 'alexnet', 'three 3x3/2 max-pools')
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
+    dtype = layers.get_dtype(self.dtype)
+    x = x.astype(dtype)
     if layers.is_small_input(x):
       stem = dict(kernel_size=(5, 5), strides=(1, 1), padding=2)
     else:
@@ -57,8 +61,9 @@ class AlexNet(nn.Module):
         dict(kernel_size=(3, 3), padding=1)] * 3
     for i, (ch, spec) in enumerate(zip(CONV_CHANNELS, specs), 1):
       x = layers.Conv(layers.scale_width(ch, self.width), kernel_init=init,
-                      impl=self.conv_impl, name=f'conv{i}', **spec)(x)
-      x = layers.make_norm(self.norm, train, f'bn{i}')(x)
+                      impl=self.conv_impl, dtype=dtype, name=f'conv{i}',
+                      **spec)(x)
+      x = layers.make_norm(self.norm, train, f'bn{i}', dtype=dtype)(x)
       x = layers.Activation(self.activation, name=f'act{i}')(x)
       if self.lrn and i <= 2:
         x = layers.local_response_norm(x)
@@ -70,7 +75,8 @@ class AlexNet(nn.Module):
     for i, features in enumerate(self.head_features, 1):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
       x = nn.Dense(layers.scale_width(features, self.width), kernel_init=init,
-                   name=f'fc{i}')(x)
+                   dtype=dtype, name=f'fc{i}')(x)
       x = layers.Activation(self.activation, name=f'fc{i}_act')(x)
-    return nn.Dense(self.num_classes, kernel_init=init,
-                    name=f'fc{len(self.head_features) + 1}')(x)
+    x = nn.Dense(self.num_classes, kernel_init=init, dtype=dtype,
+                 name=f'fc{len(self.head_features) + 1}')(x)
+    return x.astype(jnp.float32)  # Logits (and the loss) in float32.

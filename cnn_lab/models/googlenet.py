@@ -44,7 +44,7 @@ paper pool (5x5/3) needs a map of at least 5x5; on smaller ones (64x64
 input) they pool adaptively to 4x4 as torchvision does.
 """
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -77,6 +77,7 @@ class ConvNormAct(nn.Module):
   activation: str = 'relu'
   kernel_init: Callable = nn.initializers.lecun_normal()
   conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -84,8 +85,9 @@ class ConvNormAct(nn.Module):
                     strides=(self.stride, self.stride),
                     padding=self.kernel // 2, use_bias=self.norm == 'none',
                     kernel_init=self.kernel_init, impl=self.conv_impl,
-                    name='conv')(x)
-    x = layers.make_norm(self.norm, train, 'bn', epsilon=BN_EPSILON)(x)
+                    dtype=self.dtype, name='conv')(x)
+    x = layers.make_norm(self.norm, train, 'bn', epsilon=BN_EPSILON,
+                         dtype=self.dtype)(x)
     return layers.Activation(self.activation, name='act')(x)
 
 
@@ -125,6 +127,7 @@ class AuxHead(nn.Module):
   activation: str
   kernel_init: Callable
   pool: str = 'adaptive'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -136,11 +139,13 @@ class AuxHead(nn.Module):
         x, train=train)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(layers.scale_width(1024, self.width),
-                 kernel_init=self.kernel_init, name='fc1')(x)
+                 kernel_init=self.kernel_init, dtype=self.dtype,
+                 name='fc1')(x)
     x = layers.Activation(self.activation, name='fc1_act')(x)
     x = nn.Dropout(0.7, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, kernel_init=self.kernel_init,
-                      name='fc2')(x)
+                      dtype=self.dtype, name='fc2')(x)
+    logits = logits.astype(jnp.float32)  # Their loss in float32 too.
     if train:  # The training loss adds these, weighted (train.py).
       self.sow('aux_logits', 'logits', logits)
     return logits
@@ -162,6 +167,7 @@ class GoogLeNet(nn.Module):
   init_std: float = 0.01  # torchvision's N(0, 0.01^2).
   width: float = 1.0
   conv_impl: str = 'auto'
+  dtype: str = 'float32'  # Compute dtype; parameters stay float32.
 
   knob_choices = {'branch5': ('5x5', '3x3', '3x3x2'), 'head': ('gap', 'fc'),
                   'pool4': (2, 3), 'aux_pool': ('adaptive', 'paper')}
@@ -171,9 +177,11 @@ class GoogLeNet(nn.Module):
     layers.check_input_size(x, 28, 'googlenet', 'two 2x downsamplings after '
                             'the stem')
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
+    dtype = layers.get_dtype(self.dtype)
+    x = x.astype(dtype)
     def conv(features, kernel, stride=1, name=None):
       return ConvNormAct(features, kernel, stride, self.norm, self.activation,
-                         init, self.conv_impl, name=name)
+                         init, self.conv_impl, dtype, name=name)
 
     w = lambda c: layers.scale_width(c, self.width)
     small = layers.is_small_input(x)
@@ -200,7 +208,7 @@ class GoogLeNet(nn.Module):
       # Built at init so that the parameters exist; run in training only.
       if train or self.is_initializing():
         AuxHead(self.num_classes, self.width, conv, self.activation, init,
-                self.aux_pool, name=name)(x, train=train)
+                self.aux_pool, dtype, name=name)(x, train=train)
 
     x = inception('3b', inception('3a', x))
     x = layers.max_pool(x, 3, 2, padding='CEIL')
@@ -218,4 +226,6 @@ class GoogLeNet(nn.Module):
     else:
       x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, kernel_init=init, name='fc')(x)
+    x = nn.Dense(self.num_classes, kernel_init=init, dtype=dtype,
+                 name='fc')(x)
+    return x.astype(jnp.float32)  # Logits (and the loss) in float32.

@@ -26,6 +26,7 @@ same layers; the map before C5 is then larger and C5 has more inputs.
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cnn_lab import layers
 
@@ -39,6 +40,7 @@ class LeNet5(nn.Module):
   init_std: float = 0.01  # Only for kernel_init='normal'.
   width: float = 1.0
   conv_impl: str = 'auto'
+  dtype: str = 'float32'  # Compute dtype; parameters stay float32.
 
   knob_choices = {'pool': ('avg', 'max')}
 
@@ -47,19 +49,23 @@ class LeNet5(nn.Module):
     layers.check_input_size(x, 28, 'lenet5', 'two 5x5 convolutions and two '
                             '2x2 poolings')
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
+    dtype = layers.get_dtype(self.dtype)
+    x = x.astype(dtype)
     pool = layers.max_pool if self.pool == 'max' else layers.avg_pool
     # The paper's 32x32 input needs no padding; pad 28x28 inputs to match.
     first_pad = 2 if min(x.shape[1:3]) < 32 else 0
     for i, (ch, pad) in enumerate(((6, first_pad), (16, 0)), 1):
       x = layers.Conv(layers.scale_width(ch, self.width), (5, 5),
                       padding=pad, kernel_init=init, impl=self.conv_impl,
-                      name=f'conv{i}')(x)
-      x = layers.make_norm(self.norm, train, f'bn{i}')(x)
+                      dtype=dtype, name=f'conv{i}')(x)
+      x = layers.make_norm(self.norm, train, f'bn{i}', dtype=dtype)(x)
       x = pool(layers.Activation(self.activation, name=f'act{i}')(x), 2)
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate((120, 84), 1):
       x = nn.Dense(layers.scale_width(features, self.width), kernel_init=init,
-                   name=f'fc{i}')(x)
-      x = layers.make_norm(self.norm, train, f'fc_bn{i}')(x)
+                   dtype=dtype, name=f'fc{i}')(x)
+      x = layers.make_norm(self.norm, train, f'fc_bn{i}', dtype=dtype)(x)
       x = layers.Activation(self.activation, name=f'fc{i}_act')(x)
-    return nn.Dense(self.num_classes, kernel_init=init, name='fc3')(x)
+    x = nn.Dense(self.num_classes, kernel_init=init, dtype=dtype,
+                 name='fc3')(x)
+    return x.astype(jnp.float32)  # Logits (and the loss) in float32.

@@ -26,6 +26,7 @@ the activation too, as in the paper's code (a ReLU before the average pool).
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cnn_lab import layers
 
@@ -52,11 +53,14 @@ class NiN(nn.Module):
   init_std: float = 0.01  # Only for kernel_init='normal'.
   width: float = 1.0
   conv_impl: str = 'auto'
+  dtype: str = 'float32'  # Compute dtype; parameters stay float32.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     layers.check_input_size(x, 28, 'nin', 'two or three 3x3/2 pools')
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
+    dtype = layers.get_dtype(self.dtype)
+    x = x.astype(dtype)
     small = layers.is_small_input(x)
     blocks = CIFAR_BLOCKS if small else IMAGENET_BLOCKS
     for b, (k, stride, pad, channels, pool) in enumerate(blocks, 1):
@@ -66,9 +70,10 @@ class NiN(nn.Module):
         conv_k = (k, k) if i == 1 else (1, 1)
         x = layers.Conv(ch, conv_k, strides=(stride, stride) if i == 1 else
                         (1, 1), padding=pad if i == 1 else 0,
-                        kernel_init=init, impl=self.conv_impl,
+                        kernel_init=init, impl=self.conv_impl, dtype=dtype,
                         name=f'mlpconv{b}_conv{i}')(x)
-        x = layers.make_norm(self.norm, train, f'mlpconv{b}_bn{i}')(x)
+        x = layers.make_norm(self.norm, train, f'mlpconv{b}_bn{i}',
+                             dtype=dtype)(x)
         x = layers.Activation(self.activation, name=f'mlpconv{b}_act{i}')(x)
       if pool == 'max':
         x = layers.max_pool(x, 3, 2, padding='CEIL')
@@ -78,4 +83,5 @@ class NiN(nn.Module):
       # the ImageNet variant drops only before the classifier block).
       if pool and (small or b == len(blocks) - 1):
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return layers.global_avg_pool(x)
+    # Logits (and the loss) in float32.
+    return layers.global_avg_pool(x).astype(jnp.float32)

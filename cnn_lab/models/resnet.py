@@ -37,7 +37,7 @@ convolution and the max-pool is dropped (the usual CIFAR adaptation), so
 stage 1 runs at the input resolution.
 """
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,7 @@ class Block(nn.Module):
   kernel_init: Callable
   bottleneck_stride: str = '1x1'
   conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -76,7 +77,7 @@ class Block(nn.Module):
       return layers.Conv(features, (kernel, kernel), (stride, stride),
                          padding=kernel // 2, use_bias=self.norm == 'none',
                          kernel_init=self.kernel_init, impl=self.conv_impl,
-                         name=name)
+                         dtype=self.dtype, name=name)
 
     if self.bottleneck:
       mid = self.features // 4
@@ -88,7 +89,7 @@ class Block(nn.Module):
     y = x
     for i, (features, kernel, stride) in enumerate(specs, 1):
       y = conv(features, kernel, stride, f'conv{i}')(y)
-      y = layers.make_norm(self.norm, train, f'bn{i}')(y)
+      y = layers.make_norm(self.norm, train, f'bn{i}', dtype=self.dtype)(y)
       if i < len(specs):
         y = layers.Activation(self.activation, name=f'act{i}')(y)
     if self.residual:
@@ -99,7 +100,8 @@ class Block(nn.Module):
     changes = self.stride != 1 or x.shape[-1] != self.features
     if self.shortcut == 'C' or (self.shortcut == 'B' and changes):
       x = conv(self.features, 1, self.stride, 'proj_conv')(x)
-      return layers.make_norm(self.norm, train, 'proj_bn')(x)
+      return layers.make_norm(self.norm, train, 'proj_bn',
+                              dtype=self.dtype)(x)
     if not changes:
       return x
     if self.stride != 1:  # Option A: subsample and pad with zero channels.
@@ -122,6 +124,7 @@ class ResNet(nn.Module):
   init_std: float = 0.01  # Only for kernel_init='normal'.
   width: float = 1.0
   conv_impl: str = 'auto'
+  dtype: str = 'float32'  # Compute dtype; parameters stay float32.
 
   knob_choices = {'shortcut': ('A', 'B', 'C'),
                   'bottleneck_stride': ('1x1', '3x3'),
@@ -132,13 +135,17 @@ class ResNet(nn.Module):
     layers.check_input_size(x, 28, f'resnet{self.depth}',
                             'the stem and three stride-2 stages')
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
+    dtype = layers.get_dtype(self.dtype)
+    x = x.astype(dtype)
     kind, counts = IMAGENET_DEPTHS[self.depth]
     w = lambda c: layers.scale_width(c, self.width)
     stem = (3, 1) if layers.is_small_input(x) else (7, 2)
     x = layers.Conv(w(64), (stem[0],) * 2, (stem[1],) * 2,
                     padding=stem[0] // 2, use_bias=self.norm == 'none',
-                    kernel_init=init, impl=self.conv_impl, name='conv1')(x)
-    x = layers.Activation(self.activation, name='act1')(layers.make_norm(self.norm, train, 'bn1')(x))
+                    kernel_init=init, impl=self.conv_impl, dtype=dtype,
+                    name='conv1')(x)
+    x = layers.make_norm(self.norm, train, 'bn1', dtype=dtype)(x)
+    x = layers.Activation(self.activation, name='act1')(x)
     if stem[1] == 2:  # The ImageNet stem's 3x3/2 max-pool.
       x = layers.max_pool(x, 3, 2, padding=1)
     expansion = 4 if kind == 'bottleneck' else 1
@@ -148,9 +155,12 @@ class ResNet(nn.Module):
         x = Block(w(ch) * expansion if kind == 'bottleneck' else w(ch),
                   stride, kind == 'bottleneck', self.residual, self.shortcut,
                   self.norm, self.activation, init, self.bottleneck_stride,
-                  self.conv_impl, name=f'stage{s}_block{b}')(x, train=train)
+                  self.conv_impl, dtype, name=f'stage{s}_block{b}')(
+                      x, train=train)
     x = layers.global_avg_pool(x)
-    return nn.Dense(self.num_classes, kernel_init=init, name='fc')(x)
+    x = nn.Dense(self.num_classes, kernel_init=init, dtype=dtype,
+                 name='fc')(x)
+    return x.astype(jnp.float32)  # Logits (and the loss) in float32.
 
 
 class CifarResNet(nn.Module):
@@ -165,6 +175,7 @@ class CifarResNet(nn.Module):
   init_std: float = 0.01  # Only for kernel_init='normal'.
   width: float = 1.0
   conv_impl: str = 'auto'
+  dtype: str = 'float32'  # Compute dtype; parameters stay float32.
 
   knob_choices = {'shortcut': ('A', 'B', 'C')}
 
@@ -180,16 +191,22 @@ class CifarResNet(nn.Module):
     layers.check_input_size(x, 8, f'resnet{self.depth}', 'two stride-2 '
                             'stages')
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
+    dtype = layers.get_dtype(self.dtype)
+    x = x.astype(dtype)
     w = lambda c: layers.scale_width(c, self.width)
     x = layers.Conv(w(16), (3, 3), padding=1, use_bias=self.norm == 'none',
-                    kernel_init=init, impl=self.conv_impl, name='conv1')(x)
-    x = layers.Activation(self.activation, name='act1')(layers.make_norm(self.norm, train, 'bn1')(x))
+                    kernel_init=init, impl=self.conv_impl, dtype=dtype,
+                    name='conv1')(x)
+    x = layers.make_norm(self.norm, train, 'bn1', dtype=dtype)(x)
+    x = layers.Activation(self.activation, name='act1')(x)
     n = (self.depth - 2) // 6
     for s, ch in enumerate((16, 32, 64), 1):
       for b in range(1, n + 1):
         stride = 2 if (b == 1 and s > 1) else 1
         x = Block(w(ch), stride, False, self.residual, self.shortcut,
                   self.norm, self.activation, init, conv_impl=self.conv_impl,
-                  name=f'stage{s}_block{b}')(x, train=train)
+                  dtype=dtype, name=f'stage{s}_block{b}')(x, train=train)
     x = layers.global_avg_pool(x)
-    return nn.Dense(self.num_classes, kernel_init=init, name='fc')(x)
+    x = nn.Dense(self.num_classes, kernel_init=init, dtype=dtype,
+                 name='fc')(x)
+    return x.astype(jnp.float32)  # Logits (and the loss) in float32.

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cnn_lab import layers
 
@@ -42,18 +43,23 @@ class VGG(nn.Module):
   head_features: Sequence[int] | None = None  # None: by input size (above).
   width: float = 1.0  # Multiplies every channel count and hidden feature.
   conv_impl: str = 'auto'
+  dtype: str = 'float32'  # Compute dtype; parameters stay float32.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     layers.check_input_size(x, 32, 'VGG', 'five 2x2 max-pools; set '
                             'data.image_size to 32 or more')
     init = layers.get_kernel_init(self.kernel_init, self.init_std)
+    dtype = layers.get_dtype(self.dtype)
+    x = x.astype(dtype)
     for s, (num_convs, ch) in enumerate(zip(self.stages, STAGE_CHANNELS), 1):
       for i in range(1, num_convs + 1):
         x = layers.Conv(layers.scale_width(ch, self.width), (3, 3),
                         padding=1, kernel_init=init,
-                        impl=self.conv_impl, name=f'block{s}_conv{i}')(x)
-        x = layers.make_norm(self.norm, train, f'block{s}_bn{i}')(x)
+                        impl=self.conv_impl, dtype=dtype,
+                        name=f'block{s}_conv{i}')(x)
+        x = layers.make_norm(self.norm, train, f'block{s}_bn{i}',
+                             dtype=dtype)(x)
         x = layers.Activation(self.activation, name=f'block{s}_act{i}')(x)
       x = layers.max_pool(x, 2)
 
@@ -63,11 +69,12 @@ class VGG(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate(head, 1):
       x = nn.Dense(layers.scale_width(features, self.width),
-                   kernel_init=init, name=f'fc{i}')(x)
+                   kernel_init=init, dtype=dtype, name=f'fc{i}')(x)
       x = layers.Activation(self.activation, name=f'fc{i}_act')(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, kernel_init=init,
-                    name=f'fc{len(head) + 1}')(x)
+    x = nn.Dense(self.num_classes, kernel_init=init, dtype=dtype,
+                 name=f'fc{len(head) + 1}')(x)
+    return x.astype(jnp.float32)  # Logits (and the loss) in float32.
 
 
 VGG11 = functools.partial(VGG, stages=(1, 1, 2, 2, 2))  # Configuration A.
