@@ -1,0 +1,1 @@
+"""Benchmarks: cnn_lab's Flax models against PyTorch twins of them."""
