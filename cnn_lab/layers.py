@@ -2,15 +2,51 @@
 initialisers, normalisation.
 
 `Conv` is the one convolution layer of cnn_lab. It holds the same variables
-as `flax.linen.Conv` (`kernel` HWIO, `bias`) and picks the implementation by
-backend and shape: XLA's CPU convolution runs 3x3 kernels on very small
-feature maps (2x2) at a few GFLOP/s, against 60-180 GFLOP/s on larger ones,
-while the same convolution written as a sum of kh*kw shifted matrix products
-keeps matmul speed there; and on large maps with few channels (32x32x64) its
-weight gradient is slow, where one im2col matmul is 2-3x faster. On GPU/TPU,
-and on CPU wherever XLA is fast, XLA's own convolution is used.
+as `flax.linen.Conv` (`kernel` HWIO, `bias`) and picks, by backend and
+shape, how its forward pass, its input gradient (dx) and its kernel
+gradient (dw) are computed (`select_conv_paths`; `conv_paths` joins the
+three with a custom VJP). On GPU/TPU all three are XLA's convolution. On
+CPU, measured in whole training steps (batch 128, float32) on a 2-core AMD
+EPYC (AVX-512) with jax 0.10.2, whose XLA runs convolutions and most
+matmuls with YNNPACK:
+
+- XLA's forward pass and dx run at 60-200 GFLOP/s on maps of 4x4 and more,
+  but at 1-2 GFLOP/s on 2x2 maps, where one im2col matmul (patches
+  (N*Ho*Wo, kh*kw*ci) @ kernel (kh*kw*ci, co)) runs all three products at
+  110-180: maps of at most `SMALL_MAP_PIXELS` pixels take it.
+- XLA's dw first transposes x and dy channel-major, and inside a step it
+  fuses into that transpose the batch norm, ReLU and residual sums that
+  produced x, re-running them with strided reads: in ResNet-20 these
+  transposes took 330 ms of a 590 ms step, and its dw convolutions ran at
+  50-110 GFLOP/s besides. So 3x3 kernels take one matmul per tap for dw,
+  window^T @ dy (window: the (N*Ho*Wo, ci) input pixels that tap (i, j)
+  sees), and keep XLA's forward pass and dx: kh*kw strided copies of x and
+  kh*kw products, no transpose. In isolation (experiments/conv_paths.py,
+  part 1) XLA's dw is often the faster; in the steps it is not.
+- Steps, img/s, four runs of experiments/conv_paths.py (medians of
+  alternating rounds; the machine drifts by up to 20% between runs, the
+  ratios less): ResNet-20, XLA 172-209, the previous choice (im2col for up
+  to 64 input channels, JAX's derivative) 138-165, these paths 198-256
+  (1.14-1.27x XLA); VGG16-BN at 32x32, XLA 14, previous 47-56, these
+  paths 63-65. LeNet-5 keeps XLA's paths (5,700-7,200 img/s): no other
+  measured path beat them for its 5x5 kernels on 1 and 6 channels. For
+  reference, PyTorch 2.13 eager was measured on this machine at 539, 100
+  and 11,981 img/s.
+- Tried and left out, slower in the steps: dw as one matmul over im2col
+  patches (XLA builds them at ~10 GB/s: 9 window copies, then their
+  concatenation), the same with the patches or dy^T made channel-major so
+  that YNNPACK runs the product (its 130-200 GFLOP/s do not pay for the
+  extra copies), the padded map flattened so that every tap is a
+  contiguous range of rows (more FLOPs and copies), the batch split in two
+  for two threads, and, for LeNet-5, im2col and shifted matmuls.
+- Not in this module's reach: XLA maps its scratch memory afresh at every
+  step, and the page faults cost ~1.3 us per 4 KiB (90-200 ms per step in
+  ResNet-20 and VGG16). glibc's MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
+  removes them but slows these paths' steps more than it saves (ResNet-20
+  187 against 256 img/s; XLA's own 211 against 209).
 """
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -23,17 +59,19 @@ from cnn_lab.errors import ConfigError, check_choice
 
 Array = jax.Array
 
-# On CPU, output maps with fewer pixels than this take the shifted-matmul
-# path (measured: 512->512 3x3 on 2x2 maps, XLA 2 GFLOP/s vs 64 shifted;
-# on 4x4 maps XLA is as fast or faster).
-SHIFTED_MAX_PIXELS = 15
+# On CPU, output maps of at most this many pixels take im2col matmuls for
+# all three products (3x3, 512->512 on 2x2 maps: XLA 1-2 GFLOP/s, im2col
+# 110-180; on 4x4 maps XLA is as fast).
+SMALL_MAP_PIXELS = 15
 
-# On CPU, inputs with at most this many channels take the im2col path
-# (measured: 32x32 maps, 64->64 channels, batch 64, forward and backward:
-# XLA 18-23 GFLOP/s, im2col 56).
-IM2COL_MAX_CHANNELS = 64
+# On CPU, kernels of at most this many taps take one matmul per tap for
+# their kernel gradient; larger ones (5x5 and up) keep XLA's, whose
+# transposes cost less than 25 or more copies of x.
+SHIFTED_DW_MAX_TAPS = 9
 
-CONV_IMPLS = ('auto', 'xla', 'shifted', 'im2col')
+CONV_IMPLS = ('auto', 'fast', 'xla', 'shifted', 'im2col')
+
+XLA_PATHS = ('xla', 'xla', 'xla')
 
 
 def _explicit_padding(padding, in_hw, kernel_hw, strides):
@@ -42,6 +80,28 @@ def _explicit_padding(padding, in_hw, kernel_hw, strides):
   if isinstance(padding, int):
     return [(padding, padding)] * 2
   return [tuple(p) if not isinstance(p, int) else (p, p) for p in padding]
+
+
+def conv_geometry(in_hw, kernel_hw, strides, padding):
+  """Explicit ((low, high), (low, high)) padding, as a hashable tuple, and
+  the output map size (out_h, out_w)."""
+  pads = tuple(tuple(int(v) for v in p)
+               for p in _explicit_padding(padding, in_hw, kernel_hw, strides))
+  out_hw = tuple((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in
+                 zip(in_hw, pads, kernel_hw, strides))
+  return pads, out_hw
+
+
+def _matmul(a: Array, b: Array, contracting, accumulate_f32: bool = False
+            ) -> Array:
+  """dot_general without batch dimensions, returning the operands' dtype.
+  With `accumulate_f32` the sum is carried in float32 (for the kernel
+  gradient, a sum over N*Ho*Wo terms); the forward paths do without it,
+  as JAX would differentiate the float32 result into mixed-dtype products."""
+  out = lax.dot_general(
+      a, b, (contracting, ((), ())),
+      preferred_element_type=jnp.float32 if accumulate_f32 else None)
+  return out.astype(a.dtype)
 
 
 def _windows(x: Array, kernel_hw, strides, padding):
@@ -60,6 +120,14 @@ def _windows(x: Array, kernel_hw, strides, padding):
       for i in range(kh) for j in range(kw)]
 
 
+def _patches(x: Array, kernel_hw, strides, padding) -> Array:
+  """im2col, (N*Ho*Wo, kh*kw*ci): column (i*kw + j)*ci + c holds input
+  channel c under tap (i, j), the order of an HWIO kernel made 2-D."""
+  windows = _windows(x, kernel_hw, strides, padding)
+  patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, -1)
+  return patches.reshape(-1, patches.shape[-1])
+
+
 def conv_shifted(x: Array, kernel: Array, strides: Sequence[int],
                  padding) -> Array:
   """2-D convolution (NHWC, HWIO) as a sum of kh*kw shifted matmuls."""
@@ -67,7 +135,7 @@ def conv_shifted(x: Array, kernel: Array, strides: Sequence[int],
   out = None
   for window, k in zip(_windows(x, (kh, kw), strides, padding),
                        kernel.reshape(kh * kw, ci, co)):
-    term = jnp.einsum('nhwc,co->nhwo', window, k)
+    term = _matmul(window, k, ((3,), (0,)))
     out = term if out is None else out + term
   return out
 
@@ -77,12 +145,13 @@ def conv_im2col(x: Array, kernel: Array, strides: Sequence[int],
   """2-D convolution as one matmul over the stacked windows (im2col).
 
   With few input channels the shifted matmuls are too thin to run at matmul
-  speed; stacking the kh*kw windows gives one product with kh*kw*ci terms,
-  and its gradient with respect to the kernel is one large matmul too.
+  speed; stacking the kh*kw windows gives one product with kh*kw*ci terms.
   """
   kh, kw, ci, co = kernel.shape
-  patches = jnp.concatenate(_windows(x, (kh, kw), strides, padding), axis=-1)
-  return jnp.einsum('nhwc,co->nhwo', patches, kernel.reshape(kh * kw * ci, co))
+  _, (out_h, out_w) = conv_geometry(x.shape[1:3], (kh, kw), strides, padding)
+  patches = _patches(x, (kh, kw), strides, padding)
+  out = _matmul(patches, kernel.reshape(kh * kw * ci, co), ((1,), (0,)))
+  return out.reshape(x.shape[0], out_h, out_w, co)
 
 
 def conv_xla(x: Array, kernel: Array, strides: Sequence[int],
@@ -93,23 +162,103 @@ def conv_xla(x: Array, kernel: Array, strides: Sequence[int],
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+# Forward paths (and, differentiated by JAX, dx paths).
 CONV_FNS = {'xla': conv_xla, 'shifted': conv_shifted, 'im2col': conv_im2col}
+
+
+def kernel_grad_xla(x, dy, kernel_shape, strides, pads):
+  kernel = jnp.zeros(kernel_shape, x.dtype)
+  return jax.vjp(lambda k: conv_xla(x, k, strides, pads), kernel)[1](dy)[0]
+
+
+def kernel_grad_matmul(x, dy, kernel_shape, strides, pads):
+  """The kernel gradient as one matmul, patches^T @ dy."""
+  patches = _patches(x, kernel_shape[:2], strides, pads)
+  dw = _matmul(patches, dy.reshape(-1, dy.shape[-1]), ((0,), (0,)), True)
+  return dw.reshape(kernel_shape)
+
+
+def kernel_grad_shifted(x, dy, kernel_shape, strides, pads):
+  """One matmul per tap (i, j): window^T @ dy, (ci, co)."""
+  kh, kw, ci, co = kernel_shape
+  dy = dy.reshape(-1, co)
+  return jnp.stack([
+      _matmul(w.reshape(-1, ci), dy, ((0,), (0,)), True)
+      for w in _windows(x, (kh, kw), strides, pads)]).reshape(kernel_shape)
+
+
+KERNEL_GRAD_FNS = {'xla': kernel_grad_xla, 'matmul': kernel_grad_matmul,
+                   'shifted': kernel_grad_shifted}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_paths(x: Array, kernel: Array, strides, pads, paths) -> Array:
+  """Convolution (NHWC, HWIO) whose forward pass, input gradient and kernel
+  gradient each take their own path, `paths` = (forward, dx, dw): forward
+  and dx among CONV_FNS (dx is JAX's derivative of that path), dw among
+  KERNEL_GRAD_FNS. `strides` and `pads` are tuples (explicit padding, as
+  `conv_geometry` gives)."""
+  return CONV_FNS[paths[0]](x, kernel, strides, pads)
+
+
+def _conv_paths_fwd(x, kernel, strides, pads, paths):
+  # Only x and the kernel are kept: the windows (kh*kw times x) are
+  # rebuilt in the backward pass rather than held from forward to backward.
+  return conv_paths(x, kernel, strides, pads, paths), (x, kernel)
+
+
+def _conv_paths_bwd(strides, pads, paths, residuals, dy):
+  x, kernel = residuals
+  _, dx_path, dw_path = paths
+  dx = jax.vjp(lambda a: CONV_FNS[dx_path](a, kernel, strides, pads),
+               x)[1](dy)[0]
+  if dw_path != 'xla':
+    # The windows depend on x alone, so XLA would build those of every
+    # layer as soon as x exists and hold them all until the backward pass
+    # (3x the step's memory in ResNet-20); optimization_barrier does not
+    # stop it (XLA's CPU compiler drops barriers before scheduling). Adding
+    # dy[0] * 0 (fused into the copies; XLA keeps x * 0 for floats, which
+    # is NaN where x is not finite) ties them to dy: each layer's are built
+    # just before its products.
+    x = x + dy.reshape(-1)[0] * 0
+  dw = KERNEL_GRAD_FNS[dw_path](x, dy, kernel.shape, strides, pads)
+  return dx, dw.astype(kernel.dtype)
+
+
+conv_paths.defvjp(_conv_paths_fwd, _conv_paths_bwd)
+
+
+def select_conv_paths(backend: str, x_shape, kernel_shape, strides,
+                      padding) -> tuple[str, str, str]:
+  """The (forward, dx, dw) paths of `conv2d(impl='auto')`, a function of
+  the backend and the shapes alone (module docstring)."""
+  kh, kw = kernel_shape[:2]
+  if backend != 'cpu' or kh * kw == 1:
+    return XLA_PATHS
+  _, (out_h, out_w) = conv_geometry(x_shape[1:3], (kh, kw), strides, padding)
+  if out_h * out_w <= SMALL_MAP_PIXELS:
+    return ('im2col', 'im2col', 'matmul')
+  if kh * kw <= SHIFTED_DW_MAX_TAPS:
+    return ('xla', 'xla', 'shifted')
+  return XLA_PATHS
 
 
 def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
            padding='SAME', impl: str = 'auto') -> Array:
-  """Convolution that avoids XLA's slow CPU path on tiny maps (see module)."""
-  if impl == 'auto':
-    kh, kw = kernel.shape[:2]
-    pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
-    out_h = (x.shape[1] + sum(pads[0]) - kh) // strides[0] + 1
-    out_w = (x.shape[2] + sum(pads[1]) - kw) // strides[1] + 1
-    impl = 'xla'
-    if jax.default_backend() == 'cpu' and kh * kw > 1:
-      if out_h * out_w <= SHIFTED_MAX_PIXELS:
-        impl = 'shifted'
-      elif x.shape[-1] <= IM2COL_MAX_CHANNELS:
-        impl = 'im2col'
+  """2-D convolution, NHWC input and HWIO kernel.
+
+  impl: 'auto' (by backend and shape, `select_conv_paths`); 'fast' (the
+  CPU's choice of 'auto' on any backend); or one path for the forward
+  pass, differentiated by JAX: 'xla', 'shifted', 'im2col'.
+  """
+  strides = tuple(int(s) for s in strides)
+  if impl in ('auto', 'fast'):
+    backend = jax.default_backend() if impl == 'auto' else 'cpu'
+    pads, _ = conv_geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
+    paths = select_conv_paths(backend, x.shape, kernel.shape, strides, pads)
+    if paths == XLA_PATHS:
+      return conv_xla(x, kernel, strides, pads)
+    return conv_paths(x, kernel, strides, pads, paths)
   return CONV_FNS[impl](x, kernel, strides, padding)
 
 

@@ -1,5 +1,8 @@
 """cnn_lab.layers.conv2d against jax.lax.conv_general_dilated."""
 
+import functools
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +34,8 @@ def reference(x, kernel, strides, padding):
       precision=lax.Precision.HIGHEST)
 
 
-@pytest.mark.parametrize('impl', ['shifted', 'im2col', 'xla', 'auto'])
+@pytest.mark.parametrize('impl', ['shifted', 'im2col', 'xla', 'auto',
+                                  'fast'])
 @pytest.mark.parametrize('case', CASES, ids=str)
 def test_conv2d_matches_lax_outputs_and_gradients(case, impl):
   n, h, w, ci, co, k, s, padding = case
@@ -60,18 +64,148 @@ def test_conv2d_matches_lax_outputs_and_gradients(case, impl):
     np.testing.assert_allclose(g, r, rtol=2e-4, atol=5e-4)
 
 
-def test_auto_avoids_xla_on_tiny_maps_on_cpu():
-  # Which path 'auto' takes is visible in the jaxpr: XLA's path has a
-  # conv_general_dilated primitive, the matmul paths have none.
-  def primitives(x_shape, ci):
-    x = jnp.zeros(x_shape[:3] + (ci,))
-    kernel = jnp.zeros((3, 3, ci, 8))
-    jaxpr = jax.make_jaxpr(lambda a, b: layers.conv2d(a, b))(x, kernel)
+# (forward, dx, dw) for conv_paths: each path in each role once, and
+# forward and dx paths that differ.
+PATHS = [('xla', 'im2col', 'shifted'), ('im2col', 'shifted', 'xla'),
+         ('shifted', 'xla', 'matmul')]
+assert {p[0] for p in PATHS} == {p[1] for p in PATHS} == set(layers.CONV_FNS)
+assert {p[2] for p in PATHS} == set(layers.KERNEL_GRAD_FNS)
+
+# (batch, h, w, c_in, c_out, kernel, strides, padding): strides 1 and 2,
+# kernels 1, 3, 5 and 7, int, tuple, 'SAME' and 'VALID' padding, odd and
+# non-square maps, maps of 1 and 2 pixels.
+PATH_CASES = [
+    (2, 5, 7, 3, 4, 3, 1, 1),
+    (2, 9, 8, 4, 6, 3, 2, 'SAME'),
+    (2, 7, 7, 4, 5, 1, 1, 'VALID'),
+    (3, 9, 7, 4, 6, 1, 2, 'VALID'),        # ResNet's projection shortcut
+    (2, 9, 9, 3, 4, 5, 1, 'VALID'),
+    (2, 11, 10, 2, 3, 5, 2, ((2, 1), (0, 2))),
+    (2, 13, 11, 3, 4, 7, 2, 3),            # ResNet's ImageNet stem
+    (2, 2, 2, 6, 5, 3, 1, 'SAME'),         # VGG's last stage at 32x32
+    (2, 1, 1, 4, 3, 3, 1, 'SAME'),
+]
+
+
+def vjp_of(conv, x, kernel, probe):
+  out, vjp = jax.vjp(conv, x, kernel)
+  return (out, *vjp(probe))
+
+
+@functools.cache
+def path_case(case, dtype):
+  """Inputs, kernel and output probe of `case` in `dtype`, and the
+  reference output and gradients: lax.conv_general_dilated in float32
+  (HIGHEST precision) on the same values."""
+  n, h, w, ci, co, k, s, padding = case
+  kx, kk, kg = jax.random.split(jax.random.key(PATH_CASES.index(case)), 3)
+  x = jax.random.normal(kx, (n, h, w, ci)).astype(dtype)
+  kernel = (jax.random.normal(kk, (k, k, ci, co)) /
+            np.sqrt(k * k * ci)).astype(dtype)
+  pads, out_hw = layers.conv_geometry((h, w), (k, k), (s, s), padding)
+  probe = jax.random.normal(kg, (n, *out_hw, co)).astype(dtype)
+  f32 = [np.asarray(a, np.float32) for a in (x, kernel, probe)]
+  ref = jax.jit(vjp_of, static_argnums=0)(
+      lambda a, b: reference(a, b, s, pads), *f32)
+  return (x, kernel, probe), [np.asarray(r) for r in ref]
+
+
+@pytest.mark.parametrize('paths', PATHS, ids='/'.join)
+@pytest.mark.parametrize('case', PATH_CASES, ids=str)
+def test_conv_paths_float32_output_and_both_gradients(case, paths):
+  (x, kernel, probe), ref = path_case(case, jnp.float32)
+  s, pads = case[6], layers.conv_geometry(case[1:3], (case[5],) * 2,
+                                          (case[6],) * 2, case[7])[0]
+  conv = lambda a, b: layers.conv_paths(a, b, (s, s), pads, paths)
+  got = jax.jit(vjp_of, static_argnums=0)(conv, x, kernel, probe)
+  for name, g, r in zip(('output', 'dx', 'dw'), got, ref):
+    assert g.shape == r.shape and g.dtype == jnp.float32, name
+    np.testing.assert_allclose(g, r, rtol=1e-4,
+                               atol=1e-4 * np.abs(r).max(), err_msg=name)
+
+
+@pytest.mark.parametrize('paths', PATHS, ids='/'.join)
+@pytest.mark.parametrize('case', PATH_CASES[:3] + PATH_CASES[6:8], ids=str)
+def test_conv_paths_bfloat16(case, paths):
+  # Inputs rounded to bfloat16; the reference is float32 on the same
+  # values. Each result rounds to bfloat16 (2^-9 relative), and the
+  # shifted forward pass and the dx of the matmul paths also round their
+  # per-tap terms before summing them: 2% of the largest value bounds
+  # both (kernel gradients accumulate in float32).
+  (x, kernel, probe), ref = path_case(case, jnp.bfloat16)
+  s, pads = case[6], layers.conv_geometry(case[1:3], (case[5],) * 2,
+                                          (case[6],) * 2, case[7])[0]
+  conv = lambda a, b: layers.conv_paths(a, b, (s, s), pads, paths)
+  got = jax.jit(vjp_of, static_argnums=0)(conv, x, kernel, probe)
+  for name, g, r in zip(('output', 'dx', 'dw'), got, ref):
+    assert g.shape == r.shape and g.dtype == jnp.bfloat16, name
+    np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2e-2,
+                               atol=2e-2 * np.abs(r).max(), err_msg=name)
+
+
+def test_select_conv_paths_cpu_only():
+  def select(backend, hw, ci, co, k, s=1, padding='SAME'):
+    return layers.select_conv_paths(backend, (128, hw, hw, ci), (k, k, ci, co),
+                                    (s, s), padding)
+
+  xla = ('xla', 'xla', 'xla')
+  shapes = [(2, 512, 512, 3), (32, 16, 16, 3), (16, 32, 64, 3, 2),
+            (28, 1, 6, 5), (8, 64, 64, 1), (224, 3, 64, 7, 2)]
+  for backend in ('gpu', 'tpu', 'cuda', 'rocm', 'METAL'):
+    assert all(select(backend, *shape) == xla for shape in shapes)
+  # CPU: tiny maps take im2col for all three products; 3x3 kernels on
+  # larger maps take XLA's forward and dx and a matmul per tap for dw;
+  # 1x1 kernels and kernels of 5x5 and more keep XLA's paths.
+  assert select('cpu', 2, 512, 512, 3) == ('im2col', 'im2col', 'matmul')
+  assert select('cpu', 3, 64, 64, 3, padding='VALID') == (
+      'im2col', 'im2col', 'matmul')                       # A 1x1 output.
+  assert select('cpu', 4, 512, 512, 3) == ('xla', 'xla', 'shifted')
+  assert select('cpu', 32, 16, 16, 3) == ('xla', 'xla', 'shifted')
+  assert select('cpu', 32, 16, 32, 3, 2) == ('xla', 'xla', 'shifted')
+  assert select('cpu', 8, 64, 64, 1) == xla
+  assert select('cpu', 28, 1, 6, 5) == xla
+  assert select('cpu', 224, 3, 64, 7, 2) == xla
+
+
+def test_auto_takes_the_custom_vjp_on_cpu_only_where_selected():
+  # conv_paths shows in the jaxpr as a custom_vjp_call; XLA's path as a
+  # bare conv_general_dilated.
+  def primitives(hw, ci, k, impl='auto'):
+    x = jnp.zeros((2, hw, hw, ci))
+    kernel = jnp.zeros((k, k, ci, 8))
+    jaxpr = jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, impl=impl))(
+        x, kernel)
     return {e.primitive.name for e in jaxpr.jaxpr.eqns}
 
-  assert 'conv_general_dilated' not in primitives((2, 2, 2), 256)
-  assert 'conv_general_dilated' in primitives((2, 16, 16), 256)
-  assert 'conv_general_dilated' not in primitives((2, 16, 16), 64)
+  assert jax.default_backend() == 'cpu'  # tests/conftest.py
+  assert 'custom_vjp_call' in primitives(2, 256, 3)
+  assert 'custom_vjp_call' in primitives(16, 16, 3)
+  assert primitives(16, 16, 1) == {'conv_general_dilated'}
+  assert primitives(16, 16, 3, impl='xla') == {'conv_general_dilated'}
+  # The same shapes on another backend take XLA's paths.
+  with mock.patch.object(jax, 'default_backend', lambda: 'gpu'):
+    assert primitives(2, 256, 3) == {'conv_general_dilated'}
+    assert 'custom_vjp_call' in primitives(2, 256, 3, impl='fast')
+
+
+def test_backward_builds_windows_one_layer_at_a_time():
+  # Without the dependence on dy (conv_paths' backward), XLA builds the
+  # kh*kw windows of every layer as soon as its input exists and keeps all
+  # of them to the backward pass: the step's scratch memory then grows by
+  # nine copies of every layer's input.
+  def loss(params, x, impl):
+    for k in params:
+      x = jnp.tanh(layers.conv2d(x, k, impl=impl))
+    return jnp.sum(x)
+
+  params = [jnp.ones((3, 3, 16, 16)) * 0.01] * 6
+  x = jnp.ones((8, 32, 32, 16))
+  scratch = {
+      impl: jax.jit(jax.grad(loss), static_argnums=2).lower(
+          params, x, impl).compile().memory_analysis().temp_size_in_bytes
+      for impl in ('xla', 'auto')}
+  layer_windows = 9 * x.size * 4
+  assert scratch['auto'] < scratch['xla'] + 2 * layer_windows, scratch
 
 
 def test_conv_module_has_flax_conv_variables():
