@@ -2,7 +2,8 @@
 # One-time, idempotent set-up for a fresh Debian machine with Python 3.11:
 #  1. Debian's dataset-fashion-mnist package (the offline default dataset)
 #     and chromium (the report test renders HTML in headless Chromium);
-#  2. a virtualenv in .venv with cnn_lab and its pinned dependencies;
+#  2. a virtualenv in .venv with cnn_lab, its pinned dependencies and the
+#     test extra (pytest; torch==2.13.0, CPU build, for the benchmark);
 #  3. TFDS's fashion_mnist prepared from Debian's files, checksums verified.
 # Re-running it when all is done takes a few seconds.
 set -euo pipefail

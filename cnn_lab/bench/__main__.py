@@ -150,6 +150,11 @@ def _num(x, digits=0):
   return 'n/a' if x is None else f'{x:,.{digits}f}'
 
 
+def _rate(x):
+  """Images per second: whole numbers from 100 up, else 3 digits."""
+  return f'{x:,.0f}' if x >= 100 else f'{x:.3g}'
+
+
 def format_markdown(header: dict, results: list[dict]) -> str:
   lines = [
       f'Machine: {header["machine"]}; JAX {header["jax"]} '
@@ -173,14 +178,14 @@ def format_markdown(header: dict, results: list[dict]) -> str:
         f'{r["train_flops_per_image"] / 1e9:.3g}',
         f'{r["compile_seconds"]["off"]:.1f} / {r["compile_seconds"]["on"]:.1f}',
         f'{_num(peak["off"])} / {_num(peak["on"])}',
-        f'**{r["images_per_second"]:,.0f}**',
+        f'**{_rate(r["images_per_second"])}**',
         f'{r["gflops"]:.0f} ({r["fraction_of_matmul_peak"]:.0%})',
-        f'{r["images_per_second_stats_on"]:,.0f} ({r["stats_cost"]:.2f}x)',
+        f'{_rate(r["images_per_second_stats_on"])} ({r["stats_cost"]:.2f}x)',
         f'{r["ms_per_step"]["probe"]:.0f}',
-        (f'{torch["images_per_second"]:,.0f} ({torch["format"]})'
+        (f'{_rate(torch["images_per_second"])} ({torch["format"]})'
          if torch else '-'),
         f'**{r["ratio_vs_torch"]:.2f}**' if torch else '-',
-        (f'{_num(pipe["images_per_second"])} ({pipe["source"]})'
+        (f'{_rate(pipe["images_per_second"])} ({pipe["source"]})'
          if pipe and pipe['images_per_second'] is not None
          else (pipe['source'] if pipe else '-')),
     ]) + ' |')
