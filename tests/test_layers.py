@@ -110,14 +110,20 @@ def path_case(case, dtype):
   return (x, kernel, probe), [np.asarray(r) for r in ref]
 
 
-@pytest.mark.parametrize('paths', PATHS, ids='/'.join)
-@pytest.mark.parametrize('case', PATH_CASES, ids=str)
-def test_conv_paths_float32_output_and_both_gradients(case, paths):
-  (x, kernel, probe), ref = path_case(case, jnp.float32)
+def run_conv_paths(case, paths, dtype):
+  """(output, dx, dw) of `conv_paths` with `paths` on `case` in `dtype`,
+  and the float32 reference on the same (rounded) values."""
+  (x, kernel, probe), ref = path_case(case, dtype)
   s, pads = case[6], layers.conv_geometry(case[1:3], (case[5],) * 2,
                                           (case[6],) * 2, case[7])[0]
   conv = lambda a, b: layers.conv_paths(a, b, (s, s), pads, paths)
-  got = jax.jit(vjp_of, static_argnums=0)(conv, x, kernel, probe)
+  return jax.jit(vjp_of, static_argnums=0)(conv, x, kernel, probe), ref
+
+
+@pytest.mark.parametrize('paths', PATHS, ids='/'.join)
+@pytest.mark.parametrize('case', PATH_CASES, ids=str)
+def test_conv_paths_float32_output_and_both_gradients(case, paths):
+  got, ref = run_conv_paths(case, paths, jnp.float32)
   for name, g, r in zip(('output', 'dx', 'dw'), got, ref):
     assert g.shape == r.shape and g.dtype == jnp.float32, name
     np.testing.assert_allclose(g, r, rtol=1e-4,
@@ -132,11 +138,7 @@ def test_conv_paths_bfloat16(case, paths):
   # shifted forward pass and the dx of the matmul paths also round their
   # per-tap terms before summing them: 2% of the largest value bounds
   # both (kernel gradients accumulate in float32).
-  (x, kernel, probe), ref = path_case(case, jnp.bfloat16)
-  s, pads = case[6], layers.conv_geometry(case[1:3], (case[5],) * 2,
-                                          (case[6],) * 2, case[7])[0]
-  conv = lambda a, b: layers.conv_paths(a, b, (s, s), pads, paths)
-  got = jax.jit(vjp_of, static_argnums=0)(conv, x, kernel, probe)
+  got, ref = run_conv_paths(case, paths, jnp.bfloat16)
   for name, g, r in zip(('output', 'dx', 'dw'), got, ref):
     assert g.shape == r.shape and g.dtype == jnp.bfloat16, name
     np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2e-2,

@@ -222,7 +222,6 @@ def pipeline_rate(name: str, batch_size: int, seconds: float = 1.0
   training loop's prefetcher runs it) building training batches of real
   Fashion-MNIST at model `name`'s input size, with its config's
   augmentation; (None, reason) where the dataset cannot be loaded."""
-  from cnn_lab import data as data_lib  # pylint: disable=import-outside-toplevel
   from cnn_lab.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
   module, shape, _ = MODELS[name]
