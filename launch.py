@@ -11,6 +11,11 @@ Exit status: 0 done; 2 invalid config, flag or input (one line on stderr).
 import os
 import sys
 
+if __name__ == '__main__':
+  # Before JAX starts: malloc on huge pages (cnn_lab/hugepages.py).
+  from cnn_lab.hugepages import reexec_with_huge_pages
+  reexec_with_huge_pages()
+
 # Quiet TensorFlow's C++ start-up chatter (it is only used by TFDS/TensorBoard).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 

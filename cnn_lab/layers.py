@@ -23,6 +23,20 @@ matmuls with YNNPACK:
   sees), and keep XLA's forward pass and dx: kh*kw strided copies of x and
   kh*kw products, no transpose. In isolation (experiments/conv_paths.py,
   part 1) XLA's dw is often the faster; in the steps it is not.
+- The same transpose, fused with the batch norm and ReLU before it, took
+  1.8 s of a 5 s ResNet-50 step (224x224, batch 16) in its 1x1
+  convolutions, whose dw is a single matmul, x^T @ dy: 1x1 kernels take
+  that ('matmul'), and the step took 3.4-3.5 s instead of 5.0 (NiN at
+  32x32: 2.0 s instead of 3.4; GoogLeNet at 96x96: unchanged).
+- With at most `DW_CHUNK_MAX_CHANNELS` channels in and out (ResNet-20's
+  first two stages) those per-tap products are thin (16x16 or 32x32
+  results summed over N*Ho*Wo = 131,072 or 32,768 rows) and the kh*kw
+  window copies stream from memory: a `lax.scan` over chunks of the batch
+  of at most `DW_CHUNK_BYTES` of x ('chunked') builds and uses each chunk's
+  windows while they are in cache. In isolation, dw at 32x32x16 took 10 ms
+  against 38, at 16x16x32 7 ms against 22; ResNet-20 steps 1.04-1.14x
+  faster (three alternating runs). With more channels it made VGG16-BN's
+  step slower, and ResNet-20's 64-channel stage no faster.
 - Steps, img/s, four runs of experiments/conv_paths.py (medians of
   alternating rounds; the machine drifts by up to 20% between runs, the
   ratios less): ResNet-20, XLA 172-209, the previous choice (im2col for up
@@ -43,7 +57,9 @@ matmuls with YNNPACK:
   step, and the page faults cost ~1.3 us per 4 KiB (90-200 ms per step in
   ResNet-20 and VGG16). glibc's MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
   removes them but slows these paths' steps more than it saves (ResNet-20
-  187 against 256 img/s; XLA's own 211 against 209).
+  187 against 256 img/s; XLA's own 211 against 209). Huge pages for malloc
+  do pay (cnn_lab/hugepages.py: the command-line entry points re-run
+  themselves with them).
 """
 
 import functools
@@ -68,6 +84,11 @@ SMALL_MAP_PIXELS = 15
 # their kernel gradient; larger ones (5x5 and up) keep XLA's, whose
 # transposes cost less than 25 or more copies of x.
 SHIFTED_DW_MAX_TAPS = 9
+# Kernel gradients of 3x3 layers with at most this many input and output
+# channels run over chunks of the batch whose input takes at most
+# DW_CHUNK_BYTES (module docstring).
+DW_CHUNK_MAX_CHANNELS = 32
+DW_CHUNK_BYTES = 512 * 1024
 
 CONV_IMPLS = ('auto', 'fast', 'xla', 'shifted', 'im2col')
 
@@ -187,8 +208,35 @@ def kernel_grad_shifted(x, dy, kernel_shape, strides, pads):
       for w in _windows(x, (kh, kw), strides, pads)]).reshape(kernel_shape)
 
 
+def batch_chunk(batch: int, image_bytes: int, target_bytes: int) -> int:
+  """Images per chunk of `kernel_grad_chunked`: the largest divisor of
+  `batch` whose chunk of x takes at most `target_bytes` (at least 1)."""
+  most = max(1, target_bytes // max(1, image_bytes))
+  return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
+
+
+def kernel_grad_chunked(x, dy, kernel_shape, strides, pads):
+  """`kernel_grad_shifted` over chunks of the batch, summed in a scan: the
+  windows of a chunk are built and used while they are still in cache."""
+  n = x.shape[0]
+  chunk = batch_chunk(n, math.prod(x.shape[1:]) * x.dtype.itemsize,
+                      DW_CHUNK_BYTES)
+  if chunk == n:
+    return kernel_grad_shifted(x, dy, kernel_shape, strides, pads)
+
+  def body(total, chunk_xy):
+    part = kernel_grad_shifted(*chunk_xy, kernel_shape, strides, pads)
+    return total + part.astype(jnp.float32), None
+
+  split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])
+  total, _ = lax.scan(body, jnp.zeros(kernel_shape, jnp.float32),
+                      (split(x), split(dy)))
+  return total
+
+
 KERNEL_GRAD_FNS = {'xla': kernel_grad_xla, 'matmul': kernel_grad_matmul,
-                   'shifted': kernel_grad_shifted}
+                   'shifted': kernel_grad_shifted,
+                   'chunked': kernel_grad_chunked}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -212,14 +260,16 @@ def _conv_paths_bwd(strides, pads, paths, residuals, dy):
   _, dx_path, dw_path = paths
   dx = jax.vjp(lambda a: CONV_FNS[dx_path](a, kernel, strides, pads),
                x)[1](dy)[0]
-  if dw_path != 'xla':
+  if dw_path != 'xla' and (kernel.shape[:2] != (1, 1) or
+                           strides != (1, 1)):
     # The windows depend on x alone, so XLA would build those of every
     # layer as soon as x exists and hold them all until the backward pass
     # (3x the step's memory in ResNet-20); optimization_barrier does not
     # stop it (XLA's CPU compiler drops barriers before scheduling). Adding
     # dy[0] * 0 (fused into the copies; XLA keeps x * 0 for floats, which
     # is NaN where x is not finite) ties them to dy: each layer's are built
-    # just before its products.
+    # just before its products. A 1x1 kernel at stride 1 needs no tie: its
+    # one window is x itself, held for the backward pass anyway.
     x = x + dy.reshape(-1)[0] * 0
   dw = KERNEL_GRAD_FNS[dw_path](x, dy, kernel.shape, strides, pads)
   return dx, dw.astype(kernel.dtype)
@@ -233,12 +283,16 @@ def select_conv_paths(backend: str, x_shape, kernel_shape, strides,
   """The (forward, dx, dw) paths of `conv2d(impl='auto')`, a function of
   the backend and the shapes alone (module docstring)."""
   kh, kw = kernel_shape[:2]
-  if backend != 'cpu' or kh * kw == 1:
+  if backend != 'cpu':
     return XLA_PATHS
+  if kh * kw == 1:
+    return ('xla', 'xla', 'matmul')
   _, (out_h, out_w) = conv_geometry(x_shape[1:3], (kh, kw), strides, padding)
   if out_h * out_w <= SMALL_MAP_PIXELS:
     return ('im2col', 'im2col', 'matmul')
   if kh * kw <= SHIFTED_DW_MAX_TAPS:
+    if max(kernel_shape[2:]) <= DW_CHUNK_MAX_CHANNELS:
+      return ('xla', 'xla', 'chunked')
     return ('xla', 'xla', 'shifted')
   return XLA_PATHS
 

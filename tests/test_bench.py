@@ -27,19 +27,27 @@ def test_time_alternating_reverses_order_and_takes_medians():
   calls = []
 
   def sleeper(label, seconds):
+    # The first step after the other variant ran is 0.1 s slower, as a
+    # framework's first step after another framework's is.
     def run(n):
+      switched = not calls or calls[-1][0] != label
       calls.append((label, n))
-      time.sleep(seconds * n)
+      time.sleep(seconds * n + 0.1 * switched)
     return run
 
   runs = {'a': sleeper('a', 0.01), 'b': sleeper('b', 0.03)}
   times = suite.time_alternating(runs, rounds=3, min_seconds=0.06)
-  warm, timed = calls[:2], calls[2:]
-  assert [label for label, _ in warm] == ['a', 'b']
+  warm, rounds = calls[:4], calls[4:]
+  assert warm == [('a', 1), ('a', 1), ('b', 1), ('b', 1)]
+  # Every timing follows one untimed step of the same variant.
+  assert rounds[::2] == [(label, 1) for label in 'abbaab']
+  timed = rounds[1::2]
   assert [label for label, _ in timed] == ['a', 'b', 'b', 'a', 'a', 'b']
-  # n is sized from the warm step so that one timing lasts ~min_seconds.
+  # n is sized from the second warm step so that one timing lasts
+  # ~min_seconds.
   assert dict(timed[:2]) == {'a': 6, 'b': 2}
-  # Per-step seconds, not per timing; sleep only overshoots.
+  # Per-step seconds, not per timing, without the slow first steps; sleep
+  # only overshoots.
   assert 0.01 <= times['a'] < 0.02 and 0.03 <= times['b'] < 0.045
 
 

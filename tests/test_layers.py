@@ -67,7 +67,7 @@ def test_conv2d_matches_lax_outputs_and_gradients(case, impl):
 # (forward, dx, dw) for conv_paths: each path in each role once, and
 # forward and dx paths that differ.
 PATHS = [('xla', 'im2col', 'shifted'), ('im2col', 'shifted', 'xla'),
-         ('shifted', 'xla', 'matmul')]
+         ('shifted', 'xla', 'matmul'), ('xla', 'xla', 'chunked')]
 assert {p[0] for p in PATHS} == {p[1] for p in PATHS} == set(layers.CONV_FNS)
 assert {p[2] for p in PATHS} == set(layers.KERNEL_GRAD_FNS)
 
@@ -117,7 +117,11 @@ def run_conv_paths(case, paths, dtype):
   s, pads = case[6], layers.conv_geometry(case[1:3], (case[5],) * 2,
                                           (case[6],) * 2, case[7])[0]
   conv = lambda a, b: layers.conv_paths(a, b, (s, s), pads, paths)
-  return jax.jit(vjp_of, static_argnums=0)(conv, x, kernel, probe), ref
+  # One image per chunk, so that the chunked kernel gradient's scan runs
+  # over the batch (2 or 3 images here).
+  with mock.patch.object(layers, 'DW_CHUNK_BYTES', 1):
+    got = jax.jit(vjp_of, static_argnums=0)(conv, x, kernel, probe)
+  return got, ref
 
 
 @pytest.mark.parametrize('paths', PATHS, ids='/'.join)
@@ -157,14 +161,19 @@ def test_select_conv_paths_cpu_only():
     assert all(select(backend, *shape) == xla for shape in shapes)
   # CPU: tiny maps take im2col for all three products; 3x3 kernels on
   # larger maps take XLA's forward and dx and a matmul per tap for dw;
-  # 1x1 kernels and kernels of 5x5 and more keep XLA's paths.
+  # 1x1 kernels XLA's forward and dx and one matmul for dw; kernels of 5x5
+  # and more keep XLA's paths.
   assert select('cpu', 2, 512, 512, 3) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 3, 64, 64, 3, padding='VALID') == (
       'im2col', 'im2col', 'matmul')                       # A 1x1 output.
+  # With at most 32 channels in and out, dw runs over chunks of the batch.
   assert select('cpu', 4, 512, 512, 3) == ('xla', 'xla', 'shifted')
-  assert select('cpu', 32, 16, 16, 3) == ('xla', 'xla', 'shifted')
-  assert select('cpu', 32, 16, 32, 3, 2) == ('xla', 'xla', 'shifted')
-  assert select('cpu', 8, 64, 64, 1) == xla
+  assert select('cpu', 32, 64, 64, 3) == ('xla', 'xla', 'shifted')
+  assert select('cpu', 32, 16, 64, 3) == ('xla', 'xla', 'shifted')
+  assert select('cpu', 32, 16, 16, 3) == ('xla', 'xla', 'chunked')
+  assert select('cpu', 32, 16, 32, 3, 2) == ('xla', 'xla', 'chunked')
+  assert select('cpu', 8, 64, 64, 1) == ('xla', 'xla', 'matmul')
+  assert select('cpu', 8, 64, 64, 1, 2) == ('xla', 'xla', 'matmul')
   assert select('cpu', 28, 1, 6, 5) == xla
   assert select('cpu', 224, 3, 64, 7, 2) == xla
 
@@ -182,15 +191,29 @@ def test_auto_takes_the_custom_vjp_on_cpu_only_where_selected():
   assert jax.default_backend() == 'cpu'  # tests/conftest.py
   assert 'custom_vjp_call' in primitives(2, 256, 3)
   assert 'custom_vjp_call' in primitives(16, 16, 3)
-  assert primitives(16, 16, 1) == {'conv_general_dilated'}
+  assert 'custom_vjp_call' in primitives(16, 16, 1)
   assert primitives(16, 16, 3, impl='xla') == {'conv_general_dilated'}
+  assert primitives(16, 16, 5) == {'conv_general_dilated'}
   # The same shapes on another backend take XLA's paths.
   with mock.patch.object(jax, 'default_backend', lambda: 'gpu'):
     assert primitives(2, 256, 3) == {'conv_general_dilated'}
     assert 'custom_vjp_call' in primitives(2, 256, 3, impl='fast')
 
 
-def test_backward_builds_windows_one_layer_at_a_time():
+@pytest.mark.parametrize('batch,image_bytes,target,chunk', [
+    (128, 32 * 32 * 16 * 4, 512 * 1024, 8),   # ResNet-20's first stage.
+    (128, 8 * 8 * 64 * 4, 512 * 1024, 32),
+    (6, 100, 400, 3),         # At most 4 images fit; 4 does not divide 6.
+    (7, 100, 400, 1),         # A prime batch: one image at a time.
+    (8, 10**6, 512, 1),       # One image is over the target.
+    (8, 10, 10**6, 8),        # The whole batch fits.
+])
+def test_batch_chunk(batch, image_bytes, target, chunk):
+  assert layers.batch_chunk(batch, image_bytes, target) == chunk
+
+
+@pytest.mark.parametrize('chunk_bytes', [None, 64 * 1024])
+def test_backward_builds_windows_one_layer_at_a_time(chunk_bytes):
   # Without the dependence on dy (conv_paths' backward), XLA builds the
   # kh*kw windows of every layer as soon as its input exists and keeps all
   # of them to the backward pass: the step's scratch memory then grows by
@@ -200,12 +223,16 @@ def test_backward_builds_windows_one_layer_at_a_time():
       x = jnp.tanh(layers.conv2d(x, k, impl=impl))
     return jnp.sum(x)
 
+  # (chunk_bytes: None, the whole batch of 8 is one chunk; 64 KiB, one
+  # image per chunk.)
   params = [jnp.ones((3, 3, 16, 16)) * 0.01] * 6
   x = jnp.ones((8, 32, 32, 16))
-  scratch = {
-      impl: jax.jit(jax.grad(loss), static_argnums=2).lower(
-          params, x, impl).compile().memory_analysis().temp_size_in_bytes
-      for impl in ('xla', 'auto')}
+  with mock.patch.object(layers, 'DW_CHUNK_BYTES',
+                         chunk_bytes or layers.DW_CHUNK_BYTES):
+    scratch = {
+        impl: jax.jit(jax.grad(loss), static_argnums=2).lower(
+            params, x, impl).compile().memory_analysis().temp_size_in_bytes
+        for impl in ('xla', 'auto')}
   layer_windows = 9 * x.size * 4
   assert scratch['auto'] < scratch['xla'] + 2 * layer_windows, scratch
 

@@ -29,6 +29,10 @@ import pathlib
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+if __name__ == '__main__':
+  # Before JAX starts: malloc on huge pages, as launch.py runs.
+  from cnn_lab.hugepages import reexec_with_huge_pages
+  reexec_with_huge_pages()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -67,12 +67,17 @@ def time_alternating(runs: dict[str, Callable[[int], None]], rounds: int,
                      min_seconds: float, progress=None) -> dict[str, float]:
   """Median seconds per step of each `runs[label](n)` (n steps, waited for).
 
-  First one warm step each, which also sizes n so that one timing lasts
-  about `min_seconds`; then `rounds` rounds in which every variant is timed
-  once, in an order that reverses from round to round.
+  First two warm steps each, the second of which sizes n so that one timing
+  lasts about `min_seconds`; then `rounds` rounds in which every variant is
+  timed once, in an order that reverses from round to round. Each timing
+  follows one untimed step of the same variant: the first step after
+  another variant ran is slow (ResNet-20 after PyTorch: 580-850 ms against
+  410-440), and with n of 2 or 3 it would weigh on the variant that
+  happens to follow the other framework.
   """
   steps = {}
   for label, run in runs.items():
+    run(1)
     t = time.perf_counter()
     run(1)
     steps[label] = max(1, min(50, round(min_seconds /
@@ -81,7 +86,7 @@ def time_alternating(runs: dict[str, Callable[[int], None]], rounds: int,
   labels = list(runs)
   for r in range(rounds):
     for label in (labels if r % 2 == 0 else labels[::-1]):
-      time.sleep(0.2)  # Lets another framework's spinning threads settle.
+      runs[label](1)
       t = time.perf_counter()
       runs[label](steps[label])
       times[label].append((time.perf_counter() - t) / steps[label])
