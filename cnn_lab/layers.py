@@ -27,7 +27,13 @@ matmuls with YNNPACK:
   1.8 s of a 5 s ResNet-50 step (224x224, batch 16) in its 1x1
   convolutions, whose dw is a single matmul, x^T @ dy: 1x1 kernels take
   that ('matmul'), and the step took 3.4-3.5 s instead of 5.0 (NiN at
-  32x32: 2.0 s instead of 3.4; GoogLeNet at 96x96: unchanged).
+  32x32: 2.0 s instead of 3.4; GoogLeNet at 96x96: unchanged). XLA's
+  forward and dx 1x1 convolutions themselves ran at 28-74 GFLOP/s on
+  ResNet-50's and ResNet-20-sized shapes ((16,56,56,64<->256),
+  (16,28,28,512->128), (128,8,8,256->64)) where the same products as
+  plain matmuls ('im2col': a reshape and a dot) ran at 40-164: with those
+  as well, ResNet-50's step took 3.07 s against 3.53, NiN's 1.46 against
+  1.70, GoogLeNet's 0.71 against 0.75.
 - With at most `DW_CHUNK_MAX_CHANNELS` channels in and out (ResNet-20's
   first two stages) those per-tap products are thin (16x16 or 32x32
   results summed over N*Ho*Wo = 131,072 or 32,768 rows) and the kh*kw
@@ -286,7 +292,7 @@ def select_conv_paths(backend: str, x_shape, kernel_shape, strides,
   if backend != 'cpu':
     return XLA_PATHS
   if kh * kw == 1:
-    return ('xla', 'xla', 'matmul')
+    return ('im2col', 'im2col', 'matmul')
   _, (out_h, out_w) = conv_geometry(x_shape[1:3], (kh, kw), strides, padding)
   if out_h * out_w <= SMALL_MAP_PIXELS:
     return ('im2col', 'im2col', 'matmul')

@@ -161,8 +161,8 @@ def test_select_conv_paths_cpu_only():
     assert all(select(backend, *shape) == xla for shape in shapes)
   # CPU: tiny maps take im2col for all three products; 3x3 kernels on
   # larger maps take XLA's forward and dx and a matmul per tap for dw;
-  # 1x1 kernels XLA's forward and dx and one matmul for dw; kernels of 5x5
-  # and more keep XLA's paths.
+  # 1x1 kernels matmuls for all three; kernels of 5x5 and more keep XLA's
+  # paths.
   assert select('cpu', 2, 512, 512, 3) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 3, 64, 64, 3, padding='VALID') == (
       'im2col', 'im2col', 'matmul')                       # A 1x1 output.
@@ -172,8 +172,8 @@ def test_select_conv_paths_cpu_only():
   assert select('cpu', 32, 16, 64, 3) == ('xla', 'xla', 'shifted')
   assert select('cpu', 32, 16, 16, 3) == ('xla', 'xla', 'chunked')
   assert select('cpu', 32, 16, 32, 3, 2) == ('xla', 'xla', 'chunked')
-  assert select('cpu', 8, 64, 64, 1) == ('xla', 'xla', 'matmul')
-  assert select('cpu', 8, 64, 64, 1, 2) == ('xla', 'xla', 'matmul')
+  assert select('cpu', 8, 64, 64, 1) == ('im2col', 'im2col', 'matmul')
+  assert select('cpu', 8, 64, 64, 1, 2) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 28, 1, 6, 5) == xla
   assert select('cpu', 224, 3, 64, 7, 2) == xla
 
