@@ -11,4 +11,11 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
+# Before JAX starts its backend: Eigen's convolutions on the CPU
+# (cnn_lab/xla_flags.py).
+from cnn_lab.xla_flags import with_eigen_convolutions  # noqa: E402
+
+os.environ['XLA_FLAGS'] = with_eigen_convolutions(
+    os.environ.get('XLA_FLAGS', ''))
+
 __version__ = '0.1.0'

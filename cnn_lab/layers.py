@@ -7,11 +7,14 @@ shape, how its forward pass, its input gradient (dx) and its kernel
 gradient (dw) are computed (`select_conv_paths`; `conv_paths` joins the
 three with a custom VJP). On GPU/TPU all three are XLA's convolution. On
 CPU, measured in whole training steps (batch 128, float32) on a 2-core AMD
-EPYC (AVX-512) with jax 0.10.2, whose XLA runs convolutions and most
-matmuls with YNNPACK:
+EPYC (AVX-512) with jax 0.10.2, whose XLA runs matmuls with YNNPACK and,
+once cnn_lab is imported, convolutions with Eigen (cnn_lab/xla_flags.py;
+the figures below from before that change were measured with YNNPACK's
+convolutions, and say so):
 
-- XLA's forward pass and dx run at 60-200 GFLOP/s on maps of 4x4 and more,
-  but at 1-2 GFLOP/s on 2x2 maps, where one im2col matmul (patches
+- XLA's forward pass and dx run at 60-200 GFLOP/s on maps of 4x4 and more
+  with YNNPACK, 100-220 with Eigen (32x32x16 layers, the slowest, at about
+  100 with both), but at 1-3 GFLOP/s on 2x2 maps with both, where one im2col matmul (patches
   (N*Ho*Wo, kh*kw*ci) @ kernel (kh*kw*ci, co)) runs all three products at
   110-180: maps of at most `SMALL_MAP_PIXELS` pixels take it.
 - XLA's dw first transposes x and dy channel-major, and inside a step it
@@ -34,15 +37,18 @@ matmuls with YNNPACK:
   plain matmuls ('im2col': a reshape and a dot) ran at 40-164: with those
   as well, ResNet-50's step took 3.07 s against 3.53, NiN's 1.46 against
   1.70, GoogLeNet's 0.71 against 0.75.
-- With at most `DW_CHUNK_MAX_CHANNELS` channels in and out (ResNet-20's
-  first two stages) those per-tap products are thin (16x16 or 32x32
-  results summed over N*Ho*Wo = 131,072 or 32,768 rows) and the kh*kw
-  window copies stream from memory: a `lax.scan` over chunks of the batch
-  of at most `DW_CHUNK_BYTES` of x ('chunked') builds and uses each chunk's
-  windows while they are in cache. In isolation, dw at 32x32x16 took 10 ms
-  against 38, at 16x16x32 7 ms against 22; ResNet-20 steps 1.04-1.14x
-  faster (three alternating runs). With more channels it made VGG16-BN's
-  step slower, and ResNet-20's 64-channel stage no faster.
+- The per-tap products are thin (16x16 to 512x512 results summed over
+  N*Ho*Wo = 512 to 131,072 rows) and the kh*kw window copies stream from
+  memory: a `lax.scan` over chunks of the batch of at most
+  `DW_CHUNK_BYTES` of x ('chunked') builds and uses each chunk's windows
+  while they are in cache. With YNNPACK's convolutions, dw at 32x32x16
+  took 10 ms against 38, at 16x16x32 7 ms against 22, and ResNet-20's
+  step was 1.04-1.14x faster, but VGG16-BN's was slower, so only layers of
+  at most 32 channels took it. With Eigen's convolutions every 3x3 layer
+  takes it: VGG16-BN's step 1,554-1,595 ms against 1,689 with one matmul
+  per tap over the whole batch, ResNet-20's 355-368 against 368-381
+  (alternating, one process). Chunks of 1 MiB did as well as or better
+  than 256 KiB, 512 KiB, 2 MiB and 4 MiB on both.
 - Steps, img/s, four runs of experiments/conv_paths.py (medians of
   alternating rounds; the machine drifts by up to 20% between runs, the
   ratios less): ResNet-20, XLA 172-209, the previous choice (im2col for up
@@ -56,7 +62,8 @@ matmuls with YNNPACK:
   patches (XLA builds them at ~10 GB/s: 9 window copies, then their
   concatenation), the same with the patches or dy^T made channel-major so
   that YNNPACK runs the product (its 130-200 GFLOP/s do not pay for the
-  extra copies), the padded map flattened so that every tap is a
+  extra copies), that matmul over chunks of the batch as 'chunked' does
+  (VGG16-BN 1,580-1,615 ms against 1,554-1,595), the padded map flattened so that every tap is a
   contiguous range of rows (more FLOPs and copies), the batch split in two
   for two threads, and, for LeNet-5, im2col and shifted matmuls.
 - Not in this module's reach: XLA maps its scratch memory afresh at every
@@ -90,11 +97,9 @@ SMALL_MAP_PIXELS = 15
 # their kernel gradient; larger ones (5x5 and up) keep XLA's, whose
 # transposes cost less than 25 or more copies of x.
 SHIFTED_DW_MAX_TAPS = 9
-# Kernel gradients of 3x3 layers with at most this many input and output
-# channels run over chunks of the batch whose input takes at most
-# DW_CHUNK_BYTES (module docstring).
-DW_CHUNK_MAX_CHANNELS = 32
-DW_CHUNK_BYTES = 512 * 1024
+# Those per-tap kernel gradients run over chunks of the batch whose input
+# takes at most DW_CHUNK_BYTES (module docstring).
+DW_CHUNK_BYTES = 1024 * 1024
 
 CONV_IMPLS = ('auto', 'fast', 'xla', 'shifted', 'im2col')
 
@@ -297,9 +302,7 @@ def select_conv_paths(backend: str, x_shape, kernel_shape, strides,
   if out_h * out_w <= SMALL_MAP_PIXELS:
     return ('im2col', 'im2col', 'matmul')
   if kh * kw <= SHIFTED_DW_MAX_TAPS:
-    if max(kernel_shape[2:]) <= DW_CHUNK_MAX_CHANNELS:
-      return ('xla', 'xla', 'chunked')
-    return ('xla', 'xla', 'shifted')
+    return ('xla', 'xla', 'chunked')
   return XLA_PATHS
 
 
@@ -484,19 +487,58 @@ def _pool_padding(padding, size: int, window: int, stride: int):
   raise ValueError(padding)
 
 
+def _tiled_max(x: Array, k: int) -> Array:
+  """Max over the non-overlapping k x k windows that tile x (NHWC) as
+  elementwise maxima of strided slices: XLA fuses them into one loop."""
+  n, h, w, c = x.shape
+  rows = x.reshape(n, h // k, k, w // k, k * c)
+  m = functools.reduce(jnp.maximum, [rows[:, :, i] for i in range(k)])
+  return functools.reduce(jnp.maximum,
+                          [m[..., j * c:(j + 1) * c] for j in range(k)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def tiled_max_pool(x: Array, k: int) -> Array:
+  """Max pooling over non-overlapping k x k windows that tile x exactly.
+  The gradient is JAX's for a max reduction: dy split equally among the
+  cells of a window that equal its maximum (a window of ReLU zeros gives
+  each a quarter), computed by one compare-and-select over x. JAX's own
+  derivative of the reshape-and-max took 28-64 ms at 128x32x32x64 (a
+  strided reduction YNNPACK runs on one thread), this 4 ms."""
+  return _tiled_max(x, k)
+
+
+def _tiled_max_pool_fwd(x, k):
+  y = _tiled_max(x, k)
+  return y, (x, y)
+
+
+def _tiled_max_pool_bwd(k, residuals, dy):
+  x, y = residuals
+  n, h, w, c = x.shape
+  hit = x.reshape(n, h // k, k, w // k, k, c) == y[:, :, None, :, None, :]
+  # The count as a sum of slices: a reduction here is the slow op again.
+  count = sum(hit[:, :, i, :, j].astype(dy.dtype)
+              for i in range(k) for j in range(k))
+  share = (dy / count)[:, :, None, :, None, :]
+  return (jnp.where(hit, share, jnp.zeros((), dy.dtype)).reshape(x.shape),)
+
+
+tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)
+
+
 def max_pool(x: Array, window: int = 2, stride: int | None = None,
              padding='VALID') -> Array:
   """Max pooling (NHWC). Non-overlapping windows that tile the map exactly
-  are a reshape and a max: the same values, and a backward pass about 8x
-  faster on CPU than XLA's select-and-scatter (measured at 32x32x64).
+  take `tiled_max_pool` (the same values and gradients as a reshape and a
+  max; XLA's select-and-scatter backward was about 8x slower still on CPU).
   `padding`: 'VALID', 'SAME', an int on every side, or 'CEIL' (PyTorch's
   ceil_mode: a last, partial window when the map does not divide)."""
   stride = stride or window
   n, h, w, c = x.shape
   if stride == window and padding == 'VALID' and h % window == 0 and (
       w % window == 0):
-    return x.reshape(n, h // window, window, w // window, window, c).max(
-        axis=(2, 4))
+    return tiled_max_pool(x, window)
   if not isinstance(padding, str) or padding == 'CEIL':
     padding = (_pool_padding(padding, h, window, stride),
                _pool_padding(padding, w, window, stride))

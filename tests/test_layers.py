@@ -166,10 +166,10 @@ def test_select_conv_paths_cpu_only():
   assert select('cpu', 2, 512, 512, 3) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 3, 64, 64, 3, padding='VALID') == (
       'im2col', 'im2col', 'matmul')                       # A 1x1 output.
-  # With at most 32 channels in and out, dw runs over chunks of the batch.
-  assert select('cpu', 4, 512, 512, 3) == ('xla', 'xla', 'shifted')
-  assert select('cpu', 32, 64, 64, 3) == ('xla', 'xla', 'shifted')
-  assert select('cpu', 32, 16, 64, 3) == ('xla', 'xla', 'shifted')
+  # dw runs over chunks of the batch, whatever the channels.
+  assert select('cpu', 4, 512, 512, 3) == ('xla', 'xla', 'chunked')
+  assert select('cpu', 32, 64, 64, 3) == ('xla', 'xla', 'chunked')
+  assert select('cpu', 32, 16, 64, 3) == ('xla', 'xla', 'chunked')
   assert select('cpu', 32, 16, 16, 3) == ('xla', 'xla', 'chunked')
   assert select('cpu', 32, 16, 32, 3, 2) == ('xla', 'xla', 'chunked')
   assert select('cpu', 8, 64, 64, 1) == ('im2col', 'im2col', 'matmul')
@@ -263,6 +263,35 @@ def test_max_pool_matches_flax(shape, window, stride):
       nn.max_pool(a, (window, window), (stride, stride)) * probe))
   np.testing.assert_allclose(g(x), g_ref(x), rtol=1e-6)
 
+
+
+@pytest.mark.parametrize('window', [2, 3])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_tiled_max_pool_splits_ties_as_jax_does(window, dtype):
+  # Rounded ReLU outputs: many windows hold 2, 3 or all cells at their
+  # maximum (zeros above all). The reference is JAX's own derivative of a
+  # reshape and a max reduction, which splits dy equally among the ties.
+  x = jnp.maximum(jnp.round(jax.random.normal(
+      jax.random.key(0), (2, 6 * window, 4 * window, 5))), 0).astype(dtype)
+  n, h, w, c = x.shape
+
+  def reference(a):
+    return a.reshape(n, h // window, window, w // window, window, c).max(
+        axis=(2, 4))
+
+  probe = jax.random.normal(jax.random.key(1), (n, 6, 4, c)).astype(dtype)
+  y_ref, vjp_ref = jax.vjp(reference, x)
+  np.testing.assert_array_equal(layers.max_pool(x, window), y_ref)
+  g = jax.grad(lambda a: jnp.sum(
+      (layers.max_pool(a, window) * probe).astype(jnp.float32)))(x)
+  g_ref = vjp_ref(probe)[0]
+  assert g.dtype == dtype
+  ties = (x.reshape(n, h // window, window, w // window, window, c)
+          == y_ref[:, :, None, :, None, :]).sum(axis=(2, 4))
+  assert (ties > 1).mean() > 0.3  # The case under test does occur.
+  np.testing.assert_allclose(np.asarray(g, np.float32),
+                             np.asarray(g_ref, np.float32), rtol=1e-2 if
+                             dtype == jnp.bfloat16 else 1e-6)
 
 def _pool_reference(x, window, stride, op, ceil, pad=0):
   """Pooling by loops over output cells, PyTorch's rules: explicit padding
