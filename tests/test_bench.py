@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cnn_lab import models
+from cnn_lab import models, xla_flags
 from cnn_lab.bench import suite
 
 
@@ -85,6 +85,9 @@ def test_writes_consistent_table_and_json(tmp_path):
              if line.startswith('| lenet5 |'))
   assert f'**{r["images_per_second"]:,.0f}**' in row
   assert table in proc.stdout
+  # The process ran with cnn_lab's XLA flags, and the table says so.
+  assert xla_flags.EIGEN_CONVOLUTIONS in doc['header']['xla_flags']
+  assert f'XLA_FLAGS={doc["header"]["xla_flags"]};' in table
   if '--vs-torch' in args:
     t = r['torch']
     assert t['params'] == r['params']

@@ -164,6 +164,8 @@ def format_markdown(header: dict, results: list[dict]) -> str:
       f'Machine: {header["machine"]}; JAX {header["jax"]} '
       f'({header["backend"]})'
       + (f', PyTorch {header["torch"]}' if header.get('torch') else '')
+      + (f'; XLA_FLAGS={header["xla_flags"]}' if header.get('xla_flags')
+         else '')
       + f'; {header["dtype"]}; {header["matmul"]} matmul peak '
       f'{header["matmul_peak_gflops"]:.0f} GFLOP/s; {header["date"]}.', '',
       '| model | input, batch | params | train GFLOP/img | compile s '
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
       'command': 'python -m cnn_lab.bench ' + ' '.join(
           sys.argv[1:] if argv is None else argv),
       'matmul': '2048x2048 ' + args.dtype,
+      # As cnn_lab set them on import (cnn_lab/xla_flags.py) or the user.
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
   if args.vs_torch:
     import torch  # pylint: disable=import-outside-toplevel
