@@ -292,6 +292,14 @@ def test_tiled_max_pool_splits_ties_as_jax_does(window, dtype):
   np.testing.assert_allclose(np.asarray(g, np.float32),
                              np.asarray(g_ref, np.float32), rtol=1e-2 if
                              dtype == jnp.bfloat16 else 1e-6)
+  # A NaN input: NaN out of its window, and back into all its cells.
+  x_nan = x.at[0, 1, 2, 3].set(jnp.nan)
+  g_nan = jax.grad(lambda a: jnp.sum(
+      (layers.max_pool(a, window) * probe).astype(jnp.float32)))(x_nan)
+  g_nan_ref = jax.vjp(reference, x_nan)[1](probe)[0]
+  assert np.isnan(np.asarray(g_nan_ref, np.float32)).sum() == window**2
+  np.testing.assert_array_equal(np.isnan(np.asarray(g_nan, np.float32)),
+                                np.isnan(np.asarray(g_nan_ref, np.float32)))
 
 def _pool_reference(x, window, stride, op, ceil, pad=0):
   """Pooling by loops over output cells, PyTorch's rules: explicit padding
