@@ -14,9 +14,10 @@ convolutions, and say so):
 
 - XLA's forward pass and dx run at 60-200 GFLOP/s on maps of 4x4 and more
   with YNNPACK, 100-220 with Eigen (32x32x16 layers, the slowest, at about
-  100 with both), but at 1-3 GFLOP/s on 2x2 maps with both, where one im2col matmul (patches
-  (N*Ho*Wo, kh*kw*ci) @ kernel (kh*kw*ci, co)) runs all three products at
-  110-180: maps of at most `SMALL_MAP_PIXELS` pixels take it.
+  100 with both), but at 1-3 GFLOP/s on 2x2 maps with both, where one
+  im2col matmul (patches (N*Ho*Wo, kh*kw*ci) @ kernel (kh*kw*ci, co)) runs
+  all three products at 110-180: maps of at most `SMALL_MAP_PIXELS` pixels
+  take it.
 - XLA's dw first transposes x and dy channel-major, and inside a step it
   fuses into that transpose the batch norm, ReLU and residual sums that
   produced x, re-running them with strided reads: in ResNet-20 these
@@ -63,9 +64,10 @@ convolutions, and say so):
   concatenation), the same with the patches or dy^T made channel-major so
   that YNNPACK runs the product (its 130-200 GFLOP/s do not pay for the
   extra copies), that matmul over chunks of the batch as 'chunked' does
-  (VGG16-BN 1,580-1,615 ms against 1,554-1,595), the padded map flattened so that every tap is a
-  contiguous range of rows (more FLOPs and copies), the batch split in two
-  for two threads, and, for LeNet-5, im2col and shifted matmuls.
+  (VGG16-BN 1,580-1,615 ms against 1,554-1,595), the padded map flattened
+  so that every tap is a contiguous range of rows (more FLOPs and copies),
+  the batch split in two for two threads, and, for LeNet-5, im2col and
+  shifted matmuls.
 - Not in this module's reach: XLA maps its scratch memory afresh at every
   step, and the page faults cost ~1.3 us per 4 KiB (90-200 ms per step in
   ResNet-20 and VGG16). glibc's MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0

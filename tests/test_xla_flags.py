@@ -12,7 +12,8 @@ from cnn_lab import xla_flags
 
 @pytest.mark.parametrize('before,after', [
     ('', xla_flags.EIGEN_CONVOLUTIONS),
-    ('--xla_dump_to=/tmp/d', f'--xla_dump_to=/tmp/d {xla_flags.EIGEN_CONVOLUTIONS}'),
+    ('--xla_dump_to=/tmp/d',
+     f'--xla_dump_to=/tmp/d {xla_flags.EIGEN_CONVOLUTIONS}'),
     # The user's own choice, either way, stays as it is.
     ('--xla_cpu_experimental_ynn_fusion_type=+individual_convolution',
      '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'),
