@@ -50,6 +50,24 @@ convolutions, and say so):
   per tap over the whole batch, ResNet-20's 355-368 against 368-381
   (alternating, one process). Chunks of 1 MiB did as well as or better
   than 256 KiB, 512 KiB, 2 MiB and 4 MiB on both.
+- 3x3 layers at stride 1 with padding 1 ('SAME') in float32 take
+  Winograd's F(4x4, 3x3) (`conv_winograd`): per 4x4 output block, 36
+  products per pair of channels instead of 144, as one batched matmul
+  (36, tiles, ci) @ (36, ci, co) between linear transforms of the input
+  tiles, the kernel and the products. Its kernel gradient is the same
+  products transposed, sum over tiles of tiles^T @ (transformed dy), 36
+  matmuls whose sums run over N*tiles rows: all such layers take it
+  ('winograd' dw). The transforms stream through memory, so the forward
+  pass and dx take it from 128 input and output channels on (at
+  batch 128, forward alone: 16x16x128 44 against 54 ms, 8x8x256 31
+  against 64, 4x4x512 26 against 48, but 32x32x64 89-122 against 60 and
+  32x32x16 11-15 against 7). dx is the forward pass of dy with the kernel
+  flipped and its channels swapped. Whole steps, alternating in one
+  process: VGG16-BN 909 against 1,500 ms, ResNet-20 339 against 352,
+  ResNet-50 (224x224, batch 16) 2.41 against 2.73 s. Winograd's transforms
+  cost float32 some accuracy (~3e-6 of the largest value against 1e-7
+  for a direct sum, tests/test_layers.py), and would cost bfloat16 too
+  much: bfloat16 keeps the paths below.
 - Steps, img/s, four runs of experiments/conv_paths.py (medians of
   alternating rounds; the machine drifts by up to 20% between runs, the
   ratios less): ResNet-20, XLA 172-209, the previous choice (im2col for up
@@ -84,6 +102,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cnn_lab.errors import ConfigError, check_choice
@@ -196,8 +215,127 @@ def conv_xla(x: Array, kernel: Array, strides: Sequence[int],
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-# Forward paths (and, differentiated by JAX, dx paths).
-CONV_FNS = {'xla': conv_xla, 'shifted': conv_shifted, 'im2col': conv_im2col}
+# Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray, "Fast
+# Algorithms for Convolutional Neural Networks", 2016; interpolation points
+# 0, 1, -1, 2, -2 and infinity). A 4x4 block of a 3x3 convolution's output
+# is A^T [(G g G^T) * (B^T d B)] A for the 6x6 input tile d under it and the
+# kernel g: 36 products per pair of channels instead of 144, at the price of
+# three linear maps (adds and scalings) that are cheap next to the products
+# when both channel counts are large.
+WINOGRAD_TILE = 4
+WINOGRAD_BT = np.array([[4, 0, -5, 0, 1, 0],
+                        [0, -4, -4, 1, 1, 0],
+                        [0, 4, -4, -1, 1, 0],
+                        [0, -2, -1, 2, 1, 0],
+                        [0, 2, -1, -2, 1, 0],
+                        [0, 4, 0, -5, 0, 1]], np.float64)
+WINOGRAD_G = np.array([[1 / 4, 0, 0],
+                       [-1 / 6, -1 / 6, -1 / 6],
+                       [-1 / 6, 1 / 6, -1 / 6],
+                       [1 / 24, 1 / 12, 1 / 6],
+                       [1 / 24, -1 / 12, 1 / 6],
+                       [0, 0, 1]], np.float64)
+WINOGRAD_AT = np.array([[1, 1, 1, 1, 1, 0],
+                        [0, 1, -1, 2, -2, 0],
+                        [0, 1, 1, 4, 4, 0],
+                        [0, 1, -1, 8, -8, 1]], np.float64)
+# On CPU, 3x3 layers (stride 1, one pixel of padding, float32) with at
+# least this many input and output channels take Winograd's forward pass
+# and dx; below it the transforms, which stream through memory, cost more
+# than the products they save (module docstring).
+WINOGRAD_MIN_CHANNELS = 128
+
+
+def winograd_applies(kernel_hw, strides, pads) -> bool:
+  """Whether `conv_winograd` computes this convolution: a 3x3 kernel at
+  stride 1 with one pixel of padding on every side ('SAME')."""
+  return (tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1) and
+          tuple(map(tuple, pads)) == ((1, 1), (1, 1)))
+
+
+def _combine(coefficients, terms):
+  """sum(c * t), skipping zeros and multiplying by +-1 for free."""
+  out = None
+  for c, t in zip(coefficients, terms):
+    if c == 0:
+      continue
+    t = t if c == 1 else -t if c == -1 else t * float(c)
+    out = t if out is None else out + t
+  return out
+
+
+def _winograd_tiles(x: Array) -> tuple[Array, tuple[int, int]]:
+  """B^T d B for every 6x6 tile d of x padded by one pixel (tiles 4 apart),
+  as (36, N*tiles_h*tiles_w, C), and (tiles_h, tiles_w). Maps that are not
+  multiples of 4 are padded with zeros at the bottom and right."""
+  m, a = WINOGRAD_TILE, WINOGRAD_TILE + 2
+  n, h, w, c = x.shape
+  th, tw = -(-h // m), -(-w // m)
+  x = jnp.pad(x, ((0, 0), (1, th * m + 1 - h), (1, tw * m + 1 - w), (0, 0)))
+  rows = [lax.slice_in_dim(x, k, k + m * (th - 1) + 1, m, axis=1)
+          for k in range(a)]
+  tiles = []
+  for row in (_combine(b, rows) for b in WINOGRAD_BT):
+    cols = [lax.slice_in_dim(row, k, k + m * (tw - 1) + 1, m, axis=2)
+            for k in range(a)]
+    tiles += [_combine(b, cols) for b in WINOGRAD_BT]
+  return jnp.stack(tiles).reshape(a * a, n * th * tw, c), (th, tw)
+
+
+def _winograd_kernel(kernel: Array) -> Array:
+  """G g G^T for every pair of channels, (36, ci, co)."""
+  kh, kw, ci, co = kernel.shape
+  gg = jnp.asarray(np.kron(WINOGRAD_G, WINOGRAD_G), kernel.dtype)
+  return (gg @ kernel.reshape(kh * kw, ci * co)).reshape(-1, ci, co)
+
+
+def conv_winograd(x: Array, kernel: Array, strides: Sequence[int],
+                  padding) -> Array:
+  """3x3 convolution at stride 1 with 'SAME' padding by Winograd's F(4x4,
+  3x3): per tile position one batched matmul over all tiles."""
+  pads = _explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
+  if not winograd_applies(kernel.shape[:2], strides, pads):
+    raise ValueError('conv_winograd takes 3x3 kernels at stride 1 with '
+                     f'padding 1, not {kernel.shape[:2]}, {strides}, {pads}')
+  m, a = WINOGRAD_TILE, WINOGRAD_TILE + 2
+  n, h, w, _ = x.shape
+  co = kernel.shape[-1]
+  tiles, (th, tw) = _winograd_tiles(x)
+  prods = lax.dot_general(tiles, _winograd_kernel(kernel),
+                          (((2,), (1,)), ((0,), (0,))))
+  prods = prods.reshape(a, a, n, th, tw, co)
+  rows = [_combine(r, list(prods)) for r in WINOGRAD_AT]
+  out = jnp.stack([
+      jnp.stack([_combine(r, list(row)) for r in WINOGRAD_AT], 3)
+      for row in rows], 2)        # (n, th, 4 rows, tw, 4 columns, co)
+  return out.reshape(n, th * m, tw * m, co)[:, :h, :w]
+
+
+def kernel_grad_winograd(x, dy, kernel_shape, strides, pads):
+  """The kernel gradient of `conv_winograd`: its products transposed,
+  sum over tiles of (B^T d B)^T (A dy A^T), one matmul per tile position,
+  then G^T (.) G back to 3x3."""
+  del strides, pads  # Those of conv_winograd (winograd_applies).
+  m, a = WINOGRAD_TILE, WINOGRAD_TILE + 2
+  n, h, w, co = dy.shape
+  tiles, (th, tw) = _winograd_tiles(x)
+  dy = jnp.pad(dy, ((0, 0), (0, th * m - h), (0, tw * m - w), (0, 0)))
+  dy = dy.reshape(n, th, m, tw, m, co)
+  rows = [_combine(col, [dy[:, :, i] for i in range(m)])
+          for col in WINOGRAD_AT.T]          # (n, th, tw, 4 columns, co)
+  dprods = jnp.stack([_combine(col, [row[:, :, :, j] for j in range(m)])
+                      for row in rows for col in WINOGRAD_AT.T])
+  dprods = dprods.reshape(a * a, n * th * tw, co)
+  dkernel = lax.dot_general(tiles, dprods, (((1,), (1,)), ((0,), (0,))),
+                            preferred_element_type=jnp.float32)
+  gg = jnp.asarray(np.kron(WINOGRAD_G, WINOGRAD_G), jnp.float32)
+  return (gg.T @ dkernel.reshape(a * a, -1)).reshape(kernel_shape)
+
+
+# Forward paths (and, differentiated by JAX, dx paths; conv_paths computes
+# Winograd's dx as the forward pass of dy with the flipped kernel).
+CONV_FNS = {'xla': conv_xla, 'shifted': conv_shifted, 'im2col': conv_im2col,
+            'winograd': conv_winograd}
 
 
 def kernel_grad_xla(x, dy, kernel_shape, strides, pads):
@@ -249,7 +387,8 @@ def kernel_grad_chunked(x, dy, kernel_shape, strides, pads):
 
 KERNEL_GRAD_FNS = {'xla': kernel_grad_xla, 'matmul': kernel_grad_matmul,
                    'shifted': kernel_grad_shifted,
-                   'chunked': kernel_grad_chunked}
+                   'chunked': kernel_grad_chunked,
+                   'winograd': kernel_grad_winograd}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -271,8 +410,15 @@ def _conv_paths_fwd(x, kernel, strides, pads, paths):
 def _conv_paths_bwd(strides, pads, paths, residuals, dy):
   x, kernel = residuals
   _, dx_path, dw_path = paths
-  dx = jax.vjp(lambda a: CONV_FNS[dx_path](a, kernel, strides, pads),
-               x)[1](dy)[0]
+  if dx_path == 'winograd':
+    # A stride-1 'SAME' 3x3 convolution's dx is the same convolution of dy
+    # with the kernel flipped in space and its channels swapped; JAX's
+    # derivative of the transforms would run as scatters.
+    dx = conv_winograd(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3),
+                       strides, pads)
+  else:
+    dx = jax.vjp(lambda a: CONV_FNS[dx_path](a, kernel, strides, pads),
+                 x)[1](dy)[0]
   if dw_path != 'xla' and (kernel.shape[:2] != (1, 1) or
                            strides != (1, 1)):
     # The windows depend on x alone, so XLA would build those of every
@@ -292,17 +438,24 @@ conv_paths.defvjp(_conv_paths_fwd, _conv_paths_bwd)
 
 
 def select_conv_paths(backend: str, x_shape, kernel_shape, strides,
-                      padding) -> tuple[str, str, str]:
+                      padding, dtype=jnp.float32) -> tuple[str, str, str]:
   """The (forward, dx, dw) paths of `conv2d(impl='auto')`, a function of
-  the backend and the shapes alone (module docstring)."""
-  kh, kw = kernel_shape[:2]
+  the backend, the shapes and the compute dtype alone (module docstring)."""
+  kh, kw, ci, co = kernel_shape
   if backend != 'cpu':
     return XLA_PATHS
   if kh * kw == 1:
     return ('im2col', 'im2col', 'matmul')
-  _, (out_h, out_w) = conv_geometry(x_shape[1:3], (kh, kw), strides, padding)
+  pads, (out_h, out_w) = conv_geometry(x_shape[1:3], (kh, kw), strides,
+                                       padding)
   if out_h * out_w <= SMALL_MAP_PIXELS:
     return ('im2col', 'im2col', 'matmul')
+  if (jnp.dtype(dtype) == jnp.float32 and
+      winograd_applies((kh, kw), strides, pads)):
+    # (Its transforms' constants, up to 8 and 1/24, would lose too much in
+    # bfloat16.)
+    fwd = 'winograd' if min(ci, co) >= WINOGRAD_MIN_CHANNELS else 'xla'
+    return (fwd, fwd, 'winograd')
   if kh * kw <= SHIFTED_DW_MAX_TAPS:
     return ('xla', 'xla', 'chunked')
   return XLA_PATHS
@@ -320,7 +473,8 @@ def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
   if impl in ('auto', 'fast'):
     backend = jax.default_backend() if impl == 'auto' else 'cpu'
     pads, _ = conv_geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
-    paths = select_conv_paths(backend, x.shape, kernel.shape, strides, pads)
+    paths = select_conv_paths(backend, x.shape, kernel.shape, strides, pads,
+                              x.dtype)
     if paths == XLA_PATHS:
       return conv_xla(x, kernel, strides, pads)
     return conv_paths(x, kernel, strides, pads, paths)

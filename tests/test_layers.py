@@ -66,10 +66,16 @@ def test_conv2d_matches_lax_outputs_and_gradients(case, impl):
 
 # (forward, dx, dw) for conv_paths: each path in each role once, and
 # forward and dx paths that differ.
+# Winograd's paths take only 3x3 kernels at stride 1 with padding 1: they
+# have their own test below, on the cases of PATH_CASES that allow them.
 PATHS = [('xla', 'im2col', 'shifted'), ('im2col', 'shifted', 'xla'),
          ('shifted', 'xla', 'matmul'), ('xla', 'xla', 'chunked')]
-assert {p[0] for p in PATHS} == {p[1] for p in PATHS} == set(layers.CONV_FNS)
-assert {p[2] for p in PATHS} == set(layers.KERNEL_GRAD_FNS)
+WINOGRAD_PATHS = [('winograd', 'winograd', 'winograd'),
+                  ('winograd', 'xla', 'chunked'),
+                  ('xla', 'winograd', 'winograd')]
+assert ({p[0] for p in PATHS} == {p[1] for p in PATHS} ==
+        set(layers.CONV_FNS) - {'winograd'})
+assert {p[2] for p in PATHS} == set(layers.KERNEL_GRAD_FNS) - {'winograd'}
 
 # (batch, h, w, c_in, c_out, kernel, strides, padding): strides 1 and 2,
 # kernels 1, 3, 5 and 7, int, tuple, 'SAME' and 'VALID' padding, odd and
@@ -84,7 +90,15 @@ PATH_CASES = [
     (2, 13, 11, 3, 4, 7, 2, 3),            # ResNet's ImageNet stem
     (2, 2, 2, 6, 5, 3, 1, 'SAME'),         # VGG's last stage at 32x32
     (2, 1, 1, 4, 3, 3, 1, 'SAME'),
+    (2, 9, 6, 5, 7, 3, 1, 'SAME'),         # Winograd: 3x2 tiles, cut.
+    (1, 12, 8, 16, 12, 3, 1, ((1, 1), (1, 1))),  # Whole 4x4 tiles.
 ]
+WINOGRAD_CASES = [
+    case for case in PATH_CASES if layers.winograd_applies(
+        (case[5],) * 2, (case[6],) * 2,
+        layers.conv_geometry(case[1:3], (case[5],) * 2, (case[6],) * 2,
+                             case[7])[0])]
+assert len(WINOGRAD_CASES) == 5
 
 
 def vjp_of(conv, x, kernel, probe):
@@ -134,6 +148,43 @@ def test_conv_paths_float32_output_and_both_gradients(case, paths):
                                atol=1e-4 * np.abs(r).max(), err_msg=name)
 
 
+@pytest.mark.parametrize('paths', WINOGRAD_PATHS, ids='/'.join)
+@pytest.mark.parametrize('case', WINOGRAD_CASES, ids=str)
+def test_winograd_paths_float32(case, paths):
+  # The transforms' constants (up to 8 and 1/24) cost F(4x4, 3x3) some
+  # float32 accuracy; ~3e-6 of the largest value on these cases.
+  got, ref = run_conv_paths(case, paths, jnp.float32)
+  for name, g, r in zip(('output', 'dx', 'dw'), got, ref):
+    assert g.shape == r.shape and g.dtype == jnp.float32, name
+    np.testing.assert_allclose(g, r, rtol=1e-4,
+                               atol=3e-5 * np.abs(r).max(), err_msg=name)
+
+
+def test_winograd_matrices_compute_a_correlation():
+  # In float64, with the matrices alone: A^T [(G g) * (B^T d)] is the 1-D
+  # valid correlation of a 6-tap input d with a 3-tap filter g, 4 outputs
+  # (the 2-D transform applies the same matrices along both axes).
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    d, g = rng.normal(size=6), rng.normal(size=3)
+    got = layers.WINOGRAD_AT @ ((layers.WINOGRAD_G @ g) *
+                                (layers.WINOGRAD_BT @ d))
+    want = [d[i:i + 3] @ g for i in range(4)]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('kernel,strides,padding', [
+    (3, 2, 'SAME'), (3, 1, 'VALID'), (5, 1, 'SAME'), (1, 1, 'SAME')])
+def test_conv_winograd_refuses_other_convolutions(kernel, strides, padding):
+  x, k = jnp.zeros((1, 8, 8, 2)), jnp.zeros((kernel, kernel, 2, 2))
+  assert not layers.winograd_applies(
+      (kernel, kernel), (strides, strides),
+      layers.conv_geometry((8, 8), (kernel,) * 2, (strides,) * 2,
+                           padding)[0])
+  with pytest.raises(ValueError, match='3x3 kernels at stride 1'):
+    layers.conv_winograd(x, k, (strides, strides), padding)
+
+
 @pytest.mark.parametrize('paths', PATHS, ids='/'.join)
 @pytest.mark.parametrize('case', PATH_CASES[:3] + PATH_CASES[6:8], ids=str)
 def test_conv_paths_bfloat16(case, paths):
@@ -160,18 +211,28 @@ def test_select_conv_paths_cpu_only():
   for backend in ('gpu', 'tpu', 'cuda', 'rocm', 'METAL'):
     assert all(select(backend, *shape) == xla for shape in shapes)
   # CPU: tiny maps take im2col for all three products; 3x3 kernels on
-  # larger maps take XLA's forward and dx and a matmul per tap for dw;
-  # 1x1 kernels matmuls for all three; kernels of 5x5 and more keep XLA's
-  # paths.
+  # larger maps Winograd's or per-tap matmuls for dw; 1x1 kernels matmuls
+  # for all three; kernels of 5x5 and more keep XLA's paths.
   assert select('cpu', 2, 512, 512, 3) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 3, 64, 64, 3, padding='VALID') == (
       'im2col', 'im2col', 'matmul')                       # A 1x1 output.
-  # dw runs over chunks of the batch, whatever the channels.
-  assert select('cpu', 4, 512, 512, 3) == ('xla', 'xla', 'chunked')
-  assert select('cpu', 32, 64, 64, 3) == ('xla', 'xla', 'chunked')
-  assert select('cpu', 32, 16, 64, 3) == ('xla', 'xla', 'chunked')
-  assert select('cpu', 32, 16, 16, 3) == ('xla', 'xla', 'chunked')
+  # 3x3 'SAME' at stride 1 in float32: Winograd's dw, and its forward and
+  # dx from 128 input and output channels on.
+  winograd = ('winograd', 'winograd', 'winograd')
+  assert select('cpu', 4, 512, 512, 3) == winograd
+  assert select('cpu', 16, 128, 128, 3) == winograd
+  assert select('cpu', 8, 128, 256, 3) == winograd
+  assert select('cpu', 16, 64, 128, 3) == ('xla', 'xla', 'winograd')
+  assert select('cpu', 32, 64, 64, 3) == ('xla', 'xla', 'winograd')
+  assert select('cpu', 32, 16, 16, 3) == ('xla', 'xla', 'winograd')
+  assert select('cpu', 32, 3, 16, 3) == ('xla', 'xla', 'winograd')
+  # Other 3x3 layers, and bfloat16: dw over chunks of the batch.
   assert select('cpu', 32, 16, 32, 3, 2) == ('xla', 'xla', 'chunked')
+  assert select('cpu', 32, 16, 16, 3, padding='VALID') == (
+      'xla', 'xla', 'chunked')
+  assert layers.select_conv_paths(
+      'cpu', (128, 8, 8, 256), (3, 3, 256, 256), (1, 1), 'SAME',
+      jnp.bfloat16) == ('xla', 'xla', 'chunked')
   assert select('cpu', 8, 64, 64, 1) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 8, 64, 64, 1, 2) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 28, 1, 6, 5) == xla
