@@ -141,11 +141,17 @@ def run_conv_paths(case, paths, dtype):
 @pytest.mark.parametrize('paths', PATHS, ids='/'.join)
 @pytest.mark.parametrize('case', PATH_CASES, ids=str)
 def test_conv_paths_float32_output_and_both_gradients(case, paths):
-  got, ref = run_conv_paths(case, paths, jnp.float32)
+  assert_float32_close(*run_conv_paths(case, paths, jnp.float32), 1e-4)
+
+
+def assert_float32_close(got, ref, atol_of_max):
+  """(output, dx, dw) in float32, each within rtol 1e-4 and `atol_of_max`
+  times the reference's largest magnitude."""
   for name, g, r in zip(('output', 'dx', 'dw'), got, ref):
     assert g.shape == r.shape and g.dtype == jnp.float32, name
     np.testing.assert_allclose(g, r, rtol=1e-4,
-                               atol=1e-4 * np.abs(r).max(), err_msg=name)
+                               atol=atol_of_max * np.abs(r).max(),
+                               err_msg=name)
 
 
 @pytest.mark.parametrize('paths', WINOGRAD_PATHS, ids='/'.join)
@@ -153,11 +159,7 @@ def test_conv_paths_float32_output_and_both_gradients(case, paths):
 def test_winograd_paths_float32(case, paths):
   # The transforms' constants (up to 8 and 1/24) cost F(4x4, 3x3) some
   # float32 accuracy; ~3e-6 of the largest value on these cases.
-  got, ref = run_conv_paths(case, paths, jnp.float32)
-  for name, g, r in zip(('output', 'dx', 'dw'), got, ref):
-    assert g.shape == r.shape and g.dtype == jnp.float32, name
-    np.testing.assert_allclose(g, r, rtol=1e-4,
-                               atol=3e-5 * np.abs(r).max(), err_msg=name)
+  assert_float32_close(*run_conv_paths(case, paths, jnp.float32), 3e-5)
 
 
 def test_winograd_matrices_compute_a_correlation():
