@@ -41,7 +41,7 @@ convolutions, and say so):
 - The per-tap products are thin (16x16 to 512x512 results summed over
   N*Ho*Wo = 512 to 131,072 rows) and the kh*kw window copies stream from
   memory: a `lax.scan` over chunks of the batch of at most
-  `DW_CHUNK_BYTES` of x ('chunked') builds and uses each chunk's windows
+  `CHUNK_BYTES` of x ('chunked') builds and uses each chunk's windows
   while they are in cache. With YNNPACK's convolutions, dw at 32x32x16
   took 10 ms against 38, at 16x16x32 7 ms against 22, and ResNet-20's
   step was 1.04-1.14x faster, but VGG16-BN's was slower, so only layers of
@@ -64,19 +64,36 @@ convolutions, and say so):
   32x32x16 11-15 against 7). dx is the forward pass of dy with the kernel
   flipped and its channels swapped. Whole steps, alternating in one
   process: VGG16-BN 909 against 1,500 ms, ResNet-20 339 against 352,
-  ResNet-50 (224x224, batch 16) 2.41 against 2.73 s. Winograd's transforms
+  ResNet-50 (224x224, batch 16) 2.41 against 2.73 s. Layers with fewer
+  than 32 input or output channels keep the chunked dw (ResNet-20's
+  16-channel stage and the first layers): ResNet-20 312-328 against
+  339-346 ms, VGG16-BN 948 against 979. Winograd's transforms
   cost float32 some accuracy (~3e-6 of the largest value against 1e-7
   for a direct sum, tests/test_layers.py), and would cost bfloat16 too
   much: bfloat16 keeps the paths below. They also cost compile time: XLA
   compiles each of a transform's 36 terms as its own loop (VGG16-BN's step
   compiles in 18 s against 5, ResNet-20's in 10 against 4).
+- Thin inputs. XLA's convolutions are slow on one input channel and
+  into a few output channels: LeNet-5's C1 (128x28x28x1 -> 6, 5x5) forward
+  pass took 4.9 ms, C3's dx (into 128x14x14x6 from 16 channels) 3.1-3.5.
+  With one input channel the shifted forward pass is elementwise
+  multiply-adds (C1 0.36-0.49 ms, 3x3 to 16 channels 1.1 against 3.6),
+  but XLA fuses them into the pooling after them and into its derivative,
+  recomputing every tap there (the step took 13.6 ms against 7.4): layers
+  of one input channel and at most 32 output channels run it in a loop
+  over chunks of the batch ('chunked' forward), whose boundary fusion does
+  not cross (with 64 outputs it ties at 3x3 and loses with strided 7x7
+  and 11x11 kernels, 36 against 19 ms). Layers of at most 8 input
+  channels take im2col's dx, a matmul dy @ kernel^T and kh*kw shifted
+  sums (C3 1.2-1.4 ms; 12 channels 2.6 against 3.3, 16 channels 8.9
+  against 5.4). LeNet-5's step: 12.4 against 7.4 ms (alternating).
 - Steps, img/s, four runs of experiments/conv_paths.py (medians of
   alternating rounds; the machine drifts by up to 20% between runs, the
   ratios less): ResNet-20, XLA 172-209, the previous choice (im2col for up
   to 64 input channels, JAX's derivative) 138-165, these paths 198-256
   (1.14-1.27x XLA); VGG16-BN at 32x32, XLA 14, previous 47-56, these
-  paths 63-65. LeNet-5 keeps XLA's paths (5,700-7,200 img/s): no other
-  measured path beat them for its 5x5 kernels on 1 and 6 channels. For
+  paths 63-65. LeNet-5 kept XLA's paths then (5,700-7,200 img/s; the
+  thin-input paths above came later, with Eigen's convolutions). For
   reference, PyTorch 2.13 eager was measured on this machine at 539, 100
   and 11,981 img/s.
 - Tried and left out, slower in the steps: dw as one matmul over im2col
@@ -121,8 +138,17 @@ SMALL_MAP_PIXELS = 15
 # transposes cost less than 25 or more copies of x.
 SHIFTED_DW_MAX_TAPS = 9
 # Those per-tap kernel gradients run over chunks of the batch whose input
-# takes at most DW_CHUNK_BYTES (module docstring).
-DW_CHUNK_BYTES = 1024 * 1024
+# takes at most CHUNK_BYTES (module docstring); so does the forward pass of
+# one input channel ('chunked'), by its output.
+CHUNK_BYTES = 1024 * 1024
+
+# On CPU, layers of at most this many input channels take the derivative
+# of im2col for dx (a matmul dy @ kernel^T, then kh*kw shifted sums), and
+# layers of one input channel and at most CHUNKED_FWD_MAX_CHANNELS output
+# channels the shifted forward pass, over chunks of the batch (multiply-adds
+# in one loop): module docstring.
+THIN_DX_CHANNELS = 8
+CHUNKED_FWD_MAX_CHANNELS = 32
 
 CONV_IMPLS = ('auto', 'fast', 'xla', 'shifted', 'im2col')
 
@@ -209,6 +235,32 @@ def conv_im2col(x: Array, kernel: Array, strides: Sequence[int],
   return out.reshape(x.shape[0], out_h, out_w, co)
 
 
+def batch_chunk(batch: int, image_bytes: int, target_bytes: int) -> int:
+  """Images per chunk of the chunked paths: the largest divisor of
+  `batch` whose chunk of x takes at most `target_bytes` (at least 1)."""
+  most = max(1, target_bytes // max(1, image_bytes))
+  return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
+
+
+def conv_chunked(x: Array, kernel: Array, strides: Sequence[int],
+                 padding) -> Array:
+  """`conv_shifted` over chunks of the batch, in a loop (`lax.map`).
+
+  With one input channel the shifted products are elementwise multiply-adds
+  that XLA fuses into every consumer of the output, the pooling after it
+  and that pooling's derivative, recomputing all kh*kw taps there. Fusion
+  does not cross a loop's boundary, so the output is computed once.
+  """
+  n = x.shape[0]
+  _, (out_h, out_w) = conv_geometry(x.shape[1:3], kernel.shape[:2], strides,
+                                    padding)
+  chunk = batch_chunk(n, out_h * out_w * kernel.shape[3] * x.dtype.itemsize,
+                      CHUNK_BYTES)
+  y = lax.map(lambda part: conv_shifted(part, kernel, strides, padding),
+              x.reshape(n // chunk, chunk, *x.shape[1:]))
+  return y.reshape(n, *y.shape[2:])
+
+
 def conv_xla(x: Array, kernel: Array, strides: Sequence[int],
              padding) -> Array:
   pads = _explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
@@ -246,6 +298,9 @@ WINOGRAD_AT = np.array([[1, 1, 1, 1, 1, 0],
 # and dx; below it the transforms, which stream through memory, cost more
 # than the products they save (module docstring).
 WINOGRAD_MIN_CHANNELS = 128
+# The same for their dw; below it, dw takes the per-tap matmuls over chunks
+# of the batch ('chunked').
+WINOGRAD_DW_MIN_CHANNELS = 32
 
 
 def winograd_applies(kernel_hw, strides, pads) -> bool:
@@ -337,7 +392,7 @@ def kernel_grad_winograd(x, dy, kernel_shape, strides, pads):
 # Forward paths (and, differentiated by JAX, dx paths; conv_paths computes
 # Winograd's dx as the forward pass of dy with the flipped kernel).
 CONV_FNS = {'xla': conv_xla, 'shifted': conv_shifted, 'im2col': conv_im2col,
-            'winograd': conv_winograd}
+            'chunked': conv_chunked, 'winograd': conv_winograd}
 
 
 def kernel_grad_xla(x, dy, kernel_shape, strides, pads):
@@ -361,19 +416,12 @@ def kernel_grad_shifted(x, dy, kernel_shape, strides, pads):
       for w in _windows(x, (kh, kw), strides, pads)]).reshape(kernel_shape)
 
 
-def batch_chunk(batch: int, image_bytes: int, target_bytes: int) -> int:
-  """Images per chunk of `kernel_grad_chunked`: the largest divisor of
-  `batch` whose chunk of x takes at most `target_bytes` (at least 1)."""
-  most = max(1, target_bytes // max(1, image_bytes))
-  return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
-
-
 def kernel_grad_chunked(x, dy, kernel_shape, strides, pads):
   """`kernel_grad_shifted` over chunks of the batch, summed in a scan: the
   windows of a chunk are built and used while they are still in cache."""
   n = x.shape[0]
   chunk = batch_chunk(n, math.prod(x.shape[1:]) * x.dtype.itemsize,
-                      DW_CHUNK_BYTES)
+                      CHUNK_BYTES)
   if chunk == n:
     return kernel_grad_shifted(x, dy, kernel_shape, strides, pads)
 
@@ -457,10 +505,19 @@ def select_conv_paths(backend: str, x_shape, kernel_shape, strides,
     # (Its transforms' constants, up to 8 and 1/24, would lose too much in
     # bfloat16.)
     fwd = 'winograd' if min(ci, co) >= WINOGRAD_MIN_CHANNELS else 'xla'
-    return (fwd, fwd, 'winograd')
-  if kh * kw <= SHIFTED_DW_MAX_TAPS:
-    return ('xla', 'xla', 'chunked')
-  return XLA_PATHS
+    dw = 'winograd' if min(ci, co) >= WINOGRAD_DW_MIN_CHANNELS else 'chunked'
+    dx = fwd
+  elif kh * kw <= SHIFTED_DW_MAX_TAPS:
+    fwd, dx, dw = 'xla', 'xla', 'chunked'
+  else:
+    fwd, dx, dw = XLA_PATHS
+  # Thin inputs: XLA's convolutions run slowly both on one input channel
+  # and into a few output channels (dx).
+  if ci == 1 and co <= CHUNKED_FWD_MAX_CHANNELS:
+    fwd = 'chunked'
+  if ci <= THIN_DX_CHANNELS:
+    dx = 'im2col'
+  return fwd, dx, dw
 
 
 def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),

@@ -69,7 +69,7 @@ def test_conv2d_matches_lax_outputs_and_gradients(case, impl):
 # Winograd's paths take only 3x3 kernels at stride 1 with padding 1: they
 # have their own test below, on the cases of PATH_CASES that allow them.
 PATHS = [('xla', 'im2col', 'shifted'), ('im2col', 'shifted', 'xla'),
-         ('shifted', 'xla', 'matmul'), ('xla', 'xla', 'chunked')]
+         ('shifted', 'xla', 'matmul'), ('chunked', 'chunked', 'chunked')]
 WINOGRAD_PATHS = [('winograd', 'winograd', 'winograd'),
                   ('winograd', 'xla', 'chunked'),
                   ('xla', 'winograd', 'winograd')]
@@ -92,6 +92,7 @@ PATH_CASES = [
     (2, 1, 1, 4, 3, 3, 1, 'SAME'),
     (2, 9, 6, 5, 7, 3, 1, 'SAME'),         # Winograd: 3x2 tiles, cut.
     (1, 12, 8, 16, 12, 3, 1, ((1, 1), (1, 1))),  # Whole 4x4 tiles.
+    (3, 10, 9, 1, 6, 5, 1, 2),             # LeNet-5's C1: one channel.
 ]
 WINOGRAD_CASES = [
     case for case in PATH_CASES if layers.winograd_applies(
@@ -133,7 +134,7 @@ def run_conv_paths(case, paths, dtype):
   conv = lambda a, b: layers.conv_paths(a, b, (s, s), pads, paths)
   # One image per chunk, so that the chunked kernel gradient's scan runs
   # over the batch (2 or 3 images here).
-  with mock.patch.object(layers, 'DW_CHUNK_BYTES', 1):
+  with mock.patch.object(layers, 'CHUNK_BYTES', 1):
     got = jax.jit(vjp_of, static_argnums=0)(conv, x, kernel, probe)
   return got, ref
 
@@ -214,20 +215,22 @@ def test_select_conv_paths_cpu_only():
     assert all(select(backend, *shape) == xla for shape in shapes)
   # CPU: tiny maps take im2col for all three products; 3x3 kernels on
   # larger maps Winograd's or per-tap matmuls for dw; 1x1 kernels matmuls
-  # for all three; kernels of 5x5 and more keep XLA's paths.
+  # for all three; kernels of 5x5 and more keep XLA's paths, except for
+  # thin inputs (below).
   assert select('cpu', 2, 512, 512, 3) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 3, 64, 64, 3, padding='VALID') == (
       'im2col', 'im2col', 'matmul')                       # A 1x1 output.
-  # 3x3 'SAME' at stride 1 in float32: Winograd's dw, and its forward and
-  # dx from 128 input and output channels on.
+  # 3x3 'SAME' at stride 1 in float32: Winograd's dw from 32 input and
+  # output channels on, and its forward and dx from 128 on.
   winograd = ('winograd', 'winograd', 'winograd')
   assert select('cpu', 4, 512, 512, 3) == winograd
   assert select('cpu', 16, 128, 128, 3) == winograd
   assert select('cpu', 8, 128, 256, 3) == winograd
   assert select('cpu', 16, 64, 128, 3) == ('xla', 'xla', 'winograd')
   assert select('cpu', 32, 64, 64, 3) == ('xla', 'xla', 'winograd')
-  assert select('cpu', 32, 16, 16, 3) == ('xla', 'xla', 'winograd')
-  assert select('cpu', 32, 3, 16, 3) == ('xla', 'xla', 'winograd')
+  assert select('cpu', 16, 32, 32, 3) == ('xla', 'xla', 'winograd')
+  assert select('cpu', 32, 16, 16, 3) == ('xla', 'xla', 'chunked')
+  assert select('cpu', 32, 16, 64, 3) == ('xla', 'xla', 'chunked')
   # Other 3x3 layers, and bfloat16: dw over chunks of the batch.
   assert select('cpu', 32, 16, 32, 3, 2) == ('xla', 'xla', 'chunked')
   assert select('cpu', 32, 16, 16, 3, padding='VALID') == (
@@ -237,8 +240,19 @@ def test_select_conv_paths_cpu_only():
       jnp.bfloat16) == ('xla', 'xla', 'chunked')
   assert select('cpu', 8, 64, 64, 1) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 8, 64, 64, 1, 2) == ('im2col', 'im2col', 'matmul')
-  assert select('cpu', 28, 1, 6, 5) == xla
-  assert select('cpu', 224, 3, 64, 7, 2) == xla
+  assert select('cpu', 14, 16, 32, 5) == xla
+  # Thin inputs: at most 8 input channels take im2col's dx; one input
+  # channel and at most 32 output channels the chunked shifted forward.
+  assert select('cpu', 28, 1, 6, 5) == ('chunked', 'im2col', 'xla')
+  assert select('cpu', 32, 1, 32, 3) == ('chunked', 'im2col', 'chunked')
+  assert select('cpu', 32, 1, 64, 3) == ('xla', 'im2col', 'chunked')
+  assert select('cpu', 32, 3, 16, 3) == ('xla', 'im2col', 'chunked')
+  assert select('cpu', 14, 6, 16, 5, padding='VALID') == (
+      'xla', 'im2col', 'xla')
+  assert select('cpu', 14, 8, 16, 5) == ('xla', 'im2col', 'xla')
+  assert select('cpu', 14, 9, 16, 5) == xla
+  assert select('cpu', 224, 1, 64, 7, 2) == ('xla', 'im2col', 'xla')
+  assert select('cpu', 224, 3, 64, 7, 2) == ('xla', 'im2col', 'xla')
 
 
 def test_auto_takes_the_custom_vjp_on_cpu_only_where_selected():
@@ -290,8 +304,8 @@ def test_backward_builds_windows_one_layer_at_a_time(chunk_bytes):
   # image per chunk.)
   params = [jnp.ones((3, 3, 16, 16)) * 0.01] * 6
   x = jnp.ones((8, 32, 32, 16))
-  with mock.patch.object(layers, 'DW_CHUNK_BYTES',
-                         chunk_bytes or layers.DW_CHUNK_BYTES):
+  with mock.patch.object(layers, 'CHUNK_BYTES',
+                         chunk_bytes or layers.CHUNK_BYTES):
     scratch = {
         impl: jax.jit(jax.grad(loss), static_argnums=2).lower(
             params, x, impl).compile().memory_analysis().temp_size_in_bytes
