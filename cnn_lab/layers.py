@@ -84,9 +84,12 @@ convolutions, and say so):
   over chunks of the batch ('chunked' forward), whose boundary fusion does
   not cross (with 64 outputs it ties at 3x3 and loses with strided 7x7
   and 11x11 kernels, 36 against 19 ms). Layers of at most 8 input
-  channels take im2col's dx, a matmul dy @ kernel^T and kh*kw shifted
-  sums (C3 1.2-1.4 ms; 12 channels 2.6 against 3.3, 16 channels 8.9
-  against 5.4). LeNet-5's step: 12.4 against 7.4 ms (alternating).
+  channels take the shifted dx, per tap a matmul dy @ kernel_tap^T added
+  into dx at its shift: in isolation im2col's (one matmul dy @ kernel^T,
+  then kh*kw shifted sums) was the faster for C3 (1.2-1.5 ms against
+  2.1; XLA 3.1-3.5; at 16 channels XLA wins, 5.4 against 8.9 and 8.1),
+  but in LeNet-5's step the shifted one is (7.4-7.7 ms against 8.1-8.4,
+  alternating). LeNet-5's step with both: 7.4 ms against 12.4.
 - Steps, img/s, four runs of experiments/conv_paths.py (medians of
   alternating rounds; the machine drifts by up to 20% between runs, the
   ratios less): ResNet-20, XLA 172-209, the previous choice (im2col for up
@@ -142,8 +145,8 @@ SHIFTED_DW_MAX_TAPS = 9
 # one input channel ('chunked'), by its output.
 CHUNK_BYTES = 1024 * 1024
 
-# On CPU, layers of at most this many input channels take the derivative
-# of im2col for dx (a matmul dy @ kernel^T, then kh*kw shifted sums), and
+# On CPU, layers of at most this many input channels take the shifted dx
+# (per tap, a matmul dy @ kernel_tap^T added into dx at its shift), and
 # layers of one input channel and at most CHUNKED_FWD_MAX_CHANNELS output
 # channels the shifted forward pass, over chunks of the batch (multiply-adds
 # in one loop): module docstring.
@@ -516,7 +519,7 @@ def select_conv_paths(backend: str, x_shape, kernel_shape, strides,
   if ci == 1 and co <= CHUNKED_FWD_MAX_CHANNELS:
     fwd = 'chunked'
   if ci <= THIN_DX_CHANNELS:
-    dx = 'im2col'
+    dx = 'shifted'
   return fwd, dx, dw
 
 

@@ -241,18 +241,18 @@ def test_select_conv_paths_cpu_only():
   assert select('cpu', 8, 64, 64, 1) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 8, 64, 64, 1, 2) == ('im2col', 'im2col', 'matmul')
   assert select('cpu', 14, 16, 32, 5) == xla
-  # Thin inputs: at most 8 input channels take im2col's dx; one input
+  # Thin inputs: at most 8 input channels take the shifted dx; one input
   # channel and at most 32 output channels the chunked shifted forward.
-  assert select('cpu', 28, 1, 6, 5) == ('chunked', 'im2col', 'xla')
-  assert select('cpu', 32, 1, 32, 3) == ('chunked', 'im2col', 'chunked')
-  assert select('cpu', 32, 1, 64, 3) == ('xla', 'im2col', 'chunked')
-  assert select('cpu', 32, 3, 16, 3) == ('xla', 'im2col', 'chunked')
+  assert select('cpu', 28, 1, 6, 5) == ('chunked', 'shifted', 'xla')
+  assert select('cpu', 32, 1, 32, 3) == ('chunked', 'shifted', 'chunked')
+  assert select('cpu', 32, 1, 64, 3) == ('xla', 'shifted', 'chunked')
+  assert select('cpu', 32, 3, 16, 3) == ('xla', 'shifted', 'chunked')
   assert select('cpu', 14, 6, 16, 5, padding='VALID') == (
-      'xla', 'im2col', 'xla')
-  assert select('cpu', 14, 8, 16, 5) == ('xla', 'im2col', 'xla')
+      'xla', 'shifted', 'xla')
+  assert select('cpu', 14, 8, 16, 5) == ('xla', 'shifted', 'xla')
   assert select('cpu', 14, 9, 16, 5) == xla
-  assert select('cpu', 224, 1, 64, 7, 2) == ('xla', 'im2col', 'xla')
-  assert select('cpu', 224, 3, 64, 7, 2) == ('xla', 'im2col', 'xla')
+  assert select('cpu', 224, 1, 64, 7, 2) == ('xla', 'shifted', 'xla')
+  assert select('cpu', 224, 3, 64, 7, 2) == ('xla', 'shifted', 'xla')
 
 
 def test_auto_takes_the_custom_vjp_on_cpu_only_where_selected():
