@@ -252,13 +252,16 @@ def conv_chunked(x: Array, kernel: Array, strides: Sequence[int],
   With one input channel the shifted products are elementwise multiply-adds
   that XLA fuses into every consumer of the output, the pooling after it
   and that pooling's derivative, recomputing all kh*kw taps there. Fusion
-  does not cross a loop's boundary, so the output is computed once.
+  does not cross a loop's boundary, so the output is computed once. (XLA
+  removes a loop of one iteration: a batch of two or more images takes at
+  least two chunks.)
   """
   n = x.shape[0]
   _, (out_h, out_w) = conv_geometry(x.shape[1:3], kernel.shape[:2], strides,
                                     padding)
-  chunk = batch_chunk(n, out_h * out_w * kernel.shape[3] * x.dtype.itemsize,
-                      CHUNK_BYTES)
+  image_bytes = out_h * out_w * kernel.shape[3] * x.dtype.itemsize
+  chunk = batch_chunk(n, image_bytes,
+                      min(CHUNK_BYTES, max(1, n // 2) * image_bytes))
   y = lax.map(lambda part: conv_shifted(part, kernel, strides, padding),
               x.reshape(n // chunk, chunk, *x.shape[1:]))
   return y.reshape(n, *y.shape[2:])

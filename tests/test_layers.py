@@ -176,6 +176,21 @@ def test_winograd_matrices_compute_a_correlation():
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('batch,hw,want', [
+    (128, 28, 4),   # LeNet-5's C1: 18.8 KB out per image, 32 per MiB.
+    (32, 28, 2),    # Would fit one MiB; two chunks of 16 instead.
+    (6, 8, 2), (7, 8, 7), (1, 8, 1)])
+def test_conv_chunked_loops_over_two_chunks_or_more(batch, hw, want):
+  # XLA removes a loop of one iteration, and with it the boundary that
+  # keeps the output from being fused into (and recomputed in) its
+  # consumers: any batch of two or more images runs two chunks or more.
+  jaxpr = jax.make_jaxpr(
+      lambda x, k: layers.conv_chunked(x, k, (1, 1), 'SAME'))(
+          jnp.zeros((batch, hw, hw, 1)), jnp.zeros((5, 5, 1, 6)))
+  scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'scan']
+  assert [e.params['length'] for e in scans] == [want]
+
+
 @pytest.mark.parametrize('kernel,strides,padding', [
     (3, 2, 'SAME'), (3, 1, 'VALID'), (5, 1, 'SAME'), (1, 1, 'SAME')])
 def test_conv_winograd_refuses_other_convolutions(kernel, strides, padding):
