@@ -50,29 +50,30 @@ convolutions, and say so):
   per tap over the whole batch, ResNet-20's 355-368 against 368-381
   (alternating, one process). Chunks of 1 MiB did as well as or better
   than 256 KiB, 512 KiB, 2 MiB and 4 MiB on both.
-- 3x3 layers at stride 1 with padding 1 ('SAME') in float32 take
-  Winograd's F(4x4, 3x3) (`conv_winograd`): per 4x4 output block, 36
-  products per pair of channels instead of 144, as one batched matmul
-  (36, tiles, ci) @ (36, ci, co) between linear transforms of the input
-  tiles, the kernel and the products. Its kernel gradient is the same
-  products transposed, sum over tiles of tiles^T @ (transformed dy), 36
-  matmuls whose sums run over N*tiles rows: all such layers take it
-  ('winograd' dw). The transforms stream through memory, so the forward
-  pass and dx take it from 128 input and output channels on (at
-  batch 128, forward alone: 16x16x128 44 against 54 ms, 8x8x256 31
-  against 64, 4x4x512 26 against 48, but 32x32x64 89-122 against 60 and
-  32x32x16 11-15 against 7). dx is the forward pass of dy with the kernel
-  flipped and its channels swapped. Whole steps, alternating in one
-  process: VGG16-BN 909 against 1,500 ms, ResNet-20 339 against 352,
-  ResNet-50 (224x224, batch 16) 2.41 against 2.73 s. Layers with fewer
-  than 32 input or output channels keep the chunked dw (ResNet-20's
-  16-channel stage and the first layers): ResNet-20 312-328 against
-  339-346 ms, VGG16-BN 948 against 979. Winograd's transforms
-  cost float32 some accuracy (~3e-6 of the largest value against 1e-7
-  for a direct sum, tests/test_layers.py), and would cost bfloat16 too
-  much: bfloat16 keeps the paths below. They also cost compile time: XLA
-  compiles each of a transform's 36 terms as its own loop (VGG16-BN's step
-  compiles in 18 s against 5, ResNet-20's in 10 against 4).
+- 3x3 layers at stride 1 with padding 1 ('SAME') in float32 take Winograd's
+  F(4x4, 3x3) (`conv_winograd`): per 4x4 output block, 36 products per pair
+  of channels instead of 144, as one batched matmul (36, tiles, ci) @ (36,
+  ci, co) between linear transforms of the input tiles, the kernel and the
+  products. Its kernel gradient is the same products transposed, sum over
+  tiles of tiles^T @ (transformed dy), 36 matmuls whose sums run over N*tiles
+  rows ('winograd' dw). The transforms stream through memory, so the forward
+  pass and dx take it from 128 input and output channels on (at batch 128,
+  forward alone: 16x16x128 44 against 54 ms, 8x8x256 31 against 64, 4x4x512
+  26 against 48, but 32x32x64 89-122 against 60 and 32x32x16 11-15 against
+  7). dx is the forward pass of dy with the kernel flipped and its channels
+  swapped. Whole steps, alternating in one process: VGG16-BN 909 against
+  1,500 ms, ResNet-20 339 against 352, ResNet-50 (224x224, batch 16) 2.41
+  against 2.73 s, with Winograd's dw in every such layer; layers with fewer
+  than 32 input or output channels now keep the chunked dw (ResNet-20's
+  16-channel stage, first layers): ResNet-20 312-328 against 339-346 ms,
+  VGG16-BN 948 against 979. Winograd's transforms cost float32 some accuracy
+  (~3e-6 of the largest value against 1e-7 for a direct sum,
+  tests/test_layers.py), and would cost bfloat16 too much: bfloat16 keeps the
+  paths below. They also cost compile time: XLA compiles each of a
+  transform's 36 terms as its own loop (VGG16-BN's step compiles in 17-18 s
+  against 5; as matmuls with the Kronecker products of the matrices the
+  transforms compiled faster, but ran slower on ResNet-20, 361 against 342
+  ms).
 - Thin inputs. XLA's convolutions are slow on one input channel and
   into a few output channels: LeNet-5's C1 (128x28x28x1 -> 6, 5x5) forward
   pass took 4.9 ms, C3's dx (into 128x14x14x6 from 16 channels) 3.1-3.5.
