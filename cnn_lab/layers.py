@@ -241,7 +241,8 @@ def conv_im2col(x: Array, kernel: Array, strides: Sequence[int],
 
 def batch_chunk(batch: int, image_bytes: int, target_bytes: int) -> int:
   """Images per chunk of the chunked paths: the largest divisor of
-  `batch` whose chunk of x takes at most `target_bytes` (at least 1)."""
+  `batch` whose chunk, at `image_bytes` per image, takes at most
+  `target_bytes` (at least 1)."""
   most = max(1, target_bytes // max(1, image_bytes))
   return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
 

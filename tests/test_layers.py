@@ -132,8 +132,8 @@ def run_conv_paths(case, paths, dtype):
   s, pads = case[6], layers.conv_geometry(case[1:3], (case[5],) * 2,
                                           (case[6],) * 2, case[7])[0]
   conv = lambda a, b: layers.conv_paths(a, b, (s, s), pads, paths)
-  # One image per chunk, so that the chunked kernel gradient's scan runs
-  # over the batch (2 or 3 images here).
+  # One image per chunk, so that the scans of the chunked forward pass and
+  # kernel gradient run over the batch (2 or 3 images here).
   with mock.patch.object(layers, 'CHUNK_BYTES', 1):
     got = jax.jit(vjp_of, static_argnums=0)(conv, x, kernel, probe)
   return got, ref
