@@ -114,10 +114,11 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
   `bn_layers`, see `metrics.batch_norm_layers`): all reductions of tensors
   the step computes anyway. Without, the step computes only the loss,
   accuracy and global gradient norm, and looks at single layers only when
-  that norm is not finite. Either way the state records where the first
-  non-finite gradient appeared (`metrics.nonfinite_origin`). With
-  `skip_nonfinite`, a step whose loss or gradient is not finite changes
-  nothing but the step counter and `skipped_steps`.
+  that norm is not finite. Either way the state records the first step
+  whose loss or global gradient norm is not finite, and where the NaN or
+  inf started (`metrics.nonfinite_origin`; nowhere when finite gradients
+  overflowed the norm). With `skip_nonfinite`, such a step changes nothing
+  but the step counter and `skipped_steps`.
   """
   # A fresh dropout mask every step, derived from the step number so that a
   # resumed run draws the same masks as an uninterrupted one.
@@ -148,18 +149,20 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
       scalars.update(metrics_lib.bn_gap_stats(
           state.batch_stats, new_state.batch_stats, bn_layers))
 
+  # A step is non-finite when its loss or its global gradient norm is. That
+  # norm also overflows on finite gradients too large to square in float32:
+  # then no layer or activation holds the NaN or inf (origin -1, -1), but
+  # the step counts all the same, as on_nonfinite='skip' drops it.
+  ok = jnp.isfinite(scalars['grad_norm/global']) & jnp.isfinite(loss)
   # Where non-finite values started, looked for only when there are some.
   origin = jax.lax.cond(
-      jnp.isfinite(scalars['grad_norm/global']) & jnp.isfinite(loss),
-      lambda: jnp.full((2,), -1, jnp.int32),
+      ok, lambda: jnp.full((2,), -1, jnp.int32),
       lambda: metrics_lib.nonfinite_origin(grads, layer_names, act_means))
   first = jnp.concatenate([
       jnp.asarray(state.step, jnp.int32)[None] + 1, origin])
   new_state = new_state.replace(first_nonfinite=jnp.where(
-      (state.first_nonfinite[0] < 0) & jnp.any(origin >= 0), first,
-      state.first_nonfinite))
+      (state.first_nonfinite[0] < 0) & ~ok, first, state.first_nonfinite))
   if skip_nonfinite:
-    ok = jnp.isfinite(scalars['grad_norm/global']) & jnp.isfinite(loss)
     keep = lambda new, old: jax.tree.map(
         lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = new_state.replace(
@@ -359,7 +362,9 @@ def _nonfinite_where(first_bad, layer_names, sites) -> str:
     where.append(f'the forward pass first at activation {sites[site][0]}')
   if layer >= 0:
     where.append(f'the backward pass first in layer {layer_names[layer]}')
-  return '; '.join(where) or 'non-finite loss'
+  return '; '.join(where) or (
+      'no NaN or inf in any gradient or activation: the loss or the global '
+      'gradient norm overflowed float32')
 
 
 def _fmt(value, digits: int = 4) -> str:

@@ -189,6 +189,33 @@ def test_nonfinite_origin_forward_pass():
   assert metrics.first_true(flags, last=True) == 3
 
 
+def test_a_global_norm_overflow_counts_as_non_finite_at_no_origin():
+  # fc3's weights at +-1e20: the loss and every gradient entry stay finite
+  # (fc2's and fc1's near 1e20-1e21), but their squares overflow float32,
+  # and so does the global norm. The step is recorded as the first
+  # non-finite one, at no layer or activation, and skipping drops it.
+  state, names, sites = _tiny_state(ForwardBlowUp())
+  params = jax.tree.map(np.array, jax.device_get(state.params))
+  signs = np.sign(np.random.default_rng(0).normal(size=(4, 3)))
+  params['fc3']['kernel'] = (1e20 * signs).astype(np.float32)
+  state = state.replace(params=jax.tree.map(jnp.asarray, params))
+  step = jax.jit(lambda s, b: train.train_step(
+      s, b, jax.random.key(0), layer_names=names, activation_sites=sites,
+      schedule=optax.constant_schedule(0.1), skip_nonfinite=True))
+  new_state, scalars = step(state, _batch())
+  assert math.isfinite(scalars['train/loss'])
+  assert not math.isfinite(scalars['grad_norm/global'])
+  assert all(math.isfinite(scalars[f'grad_max_abs/{n}']) for n in names)
+  assert max(scalars[f'grad_max_abs/{n}'] for n in names) > 1e19
+  assert list(new_state.first_nonfinite) == [1, -1, -1]
+  assert int(new_state.skipped_steps) == 1 and int(new_state.step) == 1
+  for new, old in zip(jax.tree.leaves(new_state.params),
+                      jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(new, old)
+  assert 'the global gradient norm overflowed' in train._nonfinite_where(
+      new_state.first_nonfinite, names, sites)
+
+
 def test_probe_loss_is_deterministic_and_the_dropout_loss_is_not():
   model = BNNet(activation='relu', dropout_rate=0.5)
   state, names, sites = _tiny_state(model)

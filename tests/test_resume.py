@@ -185,7 +185,9 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(reference,
   assert [l['step'] for l in lines if 'train/loss' in l] == [1, 2, 3, 4]
 
 
-DIVERGE = {'model.width': 0.5, 'train.num_steps': 12,
+# Plain-20 at SGD 1.0 overflows after some 10-20 steps, the step moving
+# with the convolution paths' rounding: 30 steps leave a margin.
+DIVERGE = {'model.width': 0.5, 'train.num_steps': 30,
            'train.batch_size': 32, 'checkpoint_every_steps': 5,
            'log_every_steps': 2, 'eval_every_steps': 0,
            'eval_num_examples': 100, 'probe_batch_size': 64}
@@ -205,9 +207,13 @@ def test_diverging_run_halts_with_exit_3_and_its_clipped_twin_survives(
   assert len(flagged) == 1
   bad_step = flagged[0]['nonfinite/first_step']
   assert f'non-finite values at step {bad_step} ' in lines[0]
-  where = flagged[0].get('nonfinite/first_activation',
-                         flagged[0].get('nonfinite/first_grad_layer'))
-  assert where and where in lines[0]
+  # The line names where the NaN or inf started, or says that finite
+  # gradients overflowed the global norm (then there is no such place).
+  where = [flagged[0][k] for k in ('nonfinite/first_activation',
+                                   'nonfinite/first_grad_layer')
+           if k in flagged[0]]
+  assert all(w in lines[0] for w in where)
+  assert where or 'the global gradient norm overflowed' in lines[0]
   # Only checkpoints from before the divergence exist, and they are finite.
   kept = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir())
   assert kept and kept[-1] < bad_step
@@ -218,7 +224,8 @@ def test_diverging_run_halts_with_exit_3_and_its_clipped_twin_survives(
   train.train_and_evaluate(configure(plain20_diverge_clip, DIVERGE), twin)
   losses = [l['train/loss'] for l in map(json.loads, open(
       twin / 'metrics.jsonl')) if 'train/loss' in l]
-  assert len(losses) == 6 and all(np.isfinite(losses))
+  assert len(losses) == DIVERGE['train.num_steps'] // 2
+  assert all(np.isfinite(losses))
 
 
 def test_skip_drops_nonfinite_updates_and_counts_them(tmp_path):
@@ -226,20 +233,21 @@ def test_skip_drops_nonfinite_updates_and_counts_them(tmp_path):
   train.train_and_evaluate(config, tmp_path / 'run')
   lines = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
   train_lines = [l for l in lines if 'train/loss' in l]
-  assert [l['step'] for l in train_lines][-1] == 12  # It ran to the end.
+  last = DIVERGE['train.num_steps']
+  assert [l['step'] for l in train_lines][-1] == last  # It ran to the end.
   skipped = [l['train/skipped_steps'] for l in train_lines]
   assert skipped == sorted(skipped) and skipped[-1] >= 1
   # Non-finite values happened (recorded once, as under halt) ...
   flagged = [l for l in train_lines if 'nonfinite/first_step' in l]
   assert len(flagged) == 1
-  assert skipped[-1] <= 12 - flagged[0]['nonfinite/first_step'] + 1
+  assert skipped[-1] <= last - flagged[0]['nonfinite/first_step'] + 1
   # ... yet the weights stayed finite: those updates were dropped.
   assert all(np.isfinite(v).all()
              for v in final_params(tmp_path / 'run').values())
   # It evaluated at the end. The eval loss itself may be NaN: skipping keeps
   # the weights finite, not small, and in eval mode batch norm's moving
   # averages lag far behind exploded activations, which can overflow.
-  assert lines[-1]['step'] == 12 and 'eval/loss' in lines[-1]
+  assert lines[-1]['step'] == last and 'eval/loss' in lines[-1]
 
 
 def test_each_step_function_compiles_once_also_after_resume(
