@@ -495,7 +495,7 @@ def figure_curves(runs, labels):
     if math.isfinite(first):
       for ax in (ax_l, ax_a):
         ax.axvline(first, color=_run_color(r), linestyle=(0, (1, 3)))
-      ax_l.text(first, 0.02, ' first non-finite gradient',
+      ax_l.text(first, 0.02, ' first non-finite step',
                 color=_run_color(r), fontsize=7, rotation=90, va='bottom',
                 transform=ax_l.get_xaxis_transform())
   if _finite_positive(losses):

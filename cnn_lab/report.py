@@ -147,7 +147,8 @@ def final_metrics(runs: list[plots.RunFiles]) -> list[tuple[str, list]]:
     layer = run.last('nonfinite/first_grad_layer')
     where = ([f'forward at {site}'] if site is not None else []) + (
         [f'backward at {layer}'] if layer is not None else [])
-    return f'step {step}: ' + ', '.join(where)
+    return f'step {step}: ' + (', '.join(where) or
+                               'global gradient norm overflowed')
 
   started = [nonfinite(r) for r in runs]
   if any(v is not None for v in started):

@@ -282,6 +282,22 @@ def test_report_on_crashed_and_older_runs(fake_runs, tmp_path):
   assert len(page.srcs) == 5
 
 
+def test_report_on_a_norm_overflow_names_no_layer(fake_runs, tmp_path):
+  # Finite gradients that overflow the global norm are recorded at a step
+  # but at no layer or activation: the report says so.
+  run = shutil.copytree(fake_runs['nan'], tmp_path / 'overflow')
+  lines = [json.loads(l) for l in (run / 'metrics.jsonl').open()
+           if l.strip().endswith('}')]
+  (run / 'metrics.jsonl').write_text(''.join(
+      json.dumps({k: v for k, v in l.items()
+                  if k != 'nonfinite/first_grad_layer'}) + '\n'
+      for l in lines))
+  page = parse_page(report.write_report([run], tmp_path / 'r.html'))
+  text = ' '.join(' '.join(page.text).split())
+  assert ('non-finite values started step 12: global gradient norm '
+          'overflowed') in text
+
+
 def test_report_of_a_single_run(fake_runs, tmp_path):
   out = report.write_report([fake_runs['tanh_bn']], tmp_path / 'one.html')
   page = parse_page(out)
