@@ -247,6 +247,11 @@ def batch_chunk(batch: int, image_bytes: int, target_bytes: int) -> int:
   return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
 
 
+def _split_batch(a: Array, chunk: int) -> Array:
+  """(N, ...) as (N // chunk, chunk, ...), for a loop over the chunks."""
+  return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
+
+
 def conv_chunked(x: Array, kernel: Array, strides: Sequence[int],
                  padding) -> Array:
   """`conv_shifted` over chunks of the batch, in a loop (`lax.map`).
@@ -265,7 +270,7 @@ def conv_chunked(x: Array, kernel: Array, strides: Sequence[int],
   chunk = batch_chunk(n, image_bytes,
                       min(CHUNK_BYTES, max(1, n // 2) * image_bytes))
   y = lax.map(lambda part: conv_shifted(part, kernel, strides, padding),
-              x.reshape(n // chunk, chunk, *x.shape[1:]))
+              _split_batch(x, chunk))
   return y.reshape(n, *y.shape[2:])
 
 
@@ -301,6 +306,8 @@ WINOGRAD_AT = np.array([[1, 1, 1, 1, 1, 0],
                         [0, 1, -1, 2, -2, 0],
                         [0, 1, 1, 4, 4, 0],
                         [0, 1, -1, 8, -8, 1]], np.float64)
+# G g G^T for a 3x3 kernel g flattened row-major: kron(G, G) @ vec(g).
+WINOGRAD_GG = np.kron(WINOGRAD_G, WINOGRAD_G)
 # On CPU, 3x3 layers (stride 1, one pixel of padding, float32) with at
 # least this many input and output channels take Winograd's forward pass
 # and dx; below it the transforms, which stream through memory, cost more
@@ -350,7 +357,7 @@ def _winograd_tiles(x: Array) -> tuple[Array, tuple[int, int]]:
 def _winograd_kernel(kernel: Array) -> Array:
   """G g G^T for every pair of channels, (36, ci, co)."""
   kh, kw, ci, co = kernel.shape
-  gg = jnp.asarray(np.kron(WINOGRAD_G, WINOGRAD_G), kernel.dtype)
+  gg = jnp.asarray(WINOGRAD_GG, kernel.dtype)
   return (gg @ kernel.reshape(kh * kw, ci * co)).reshape(-1, ci, co)
 
 
@@ -393,7 +400,7 @@ def kernel_grad_winograd(x, dy, kernel_shape, strides, pads):
   dprods = dprods.reshape(a * a, n * th * tw, co)
   dkernel = lax.dot_general(tiles, dprods, (((1,), (1,)), ((0,), (0,))),
                             preferred_element_type=jnp.float32)
-  gg = jnp.asarray(np.kron(WINOGRAD_G, WINOGRAD_G), jnp.float32)
+  gg = jnp.asarray(WINOGRAD_GG, jnp.float32)
   return (gg.T @ dkernel.reshape(a * a, -1)).reshape(kernel_shape)
 
 
@@ -437,9 +444,8 @@ def kernel_grad_chunked(x, dy, kernel_shape, strides, pads):
     part = kernel_grad_shifted(*chunk_xy, kernel_shape, strides, pads)
     return total + part.astype(jnp.float32), None
 
-  split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])
   total, _ = lax.scan(body, jnp.zeros(kernel_shape, jnp.float32),
-                      (split(x), split(dy)))
+                      (_split_batch(x, chunk), _split_batch(dy, chunk)))
   return total
 
 
