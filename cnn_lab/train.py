@@ -114,11 +114,13 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
   `bn_layers`, see `metrics.batch_norm_layers`): all reductions of tensors
   the step computes anyway. Without, the step computes only the loss,
   accuracy and global gradient norm, and looks at single layers only when
-  that norm is not finite. Either way the state records the first step
-  whose loss or global gradient norm is not finite, and where the NaN or
-  inf started (`metrics.nonfinite_origin`; nowhere when finite gradients
+  that norm is not finite (then it runs the forward pass again to find the
+  first non-finite activation). Either way the state records the first
+  step whose loss or global gradient norm is not finite, and where the NaN
+  or inf started (`metrics.nonfinite_origin`; nowhere when finite gradients
   overflowed the norm). With `skip_nonfinite`, such a step changes nothing
-  but the step counter and `skipped_steps`.
+  but the step counter and `skipped_steps`. Both versions update the state
+  alike; `train_and_evaluate` runs the one with statistics on logged steps.
   """
   # A fresh dropout mask every step, derived from the step number so that a
   # resumed run draws the same masks as an uninterrupted one.
@@ -155,9 +157,14 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
   # the step counts all the same, as on_nonfinite='skip' drops it.
   ok = jnp.isfinite(scalars['grad_norm/global']) & jnp.isfinite(loss)
   # Where non-finite values started, looked for only when there are some.
-  origin = jax.lax.cond(
-      ok, lambda: jnp.full((2,), -1, jnp.int32),
-      lambda: metrics_lib.nonfinite_origin(grads, layer_names, act_means))
+  def where_nonfinite():
+    means = act_means
+    if not layer_stats and activation_sites:
+      means = _activation_means(state, batch, key, activation_sites)
+    return metrics_lib.nonfinite_origin(grads, layer_names, means)
+
+  origin = jax.lax.cond(ok, lambda: jnp.full((2,), -1, jnp.int32),
+                        where_nonfinite)
   first = jnp.concatenate([
       jnp.asarray(state.step, jnp.int32)[None] + 1, origin])
   new_state = new_state.replace(first_nonfinite=jnp.where(
@@ -172,6 +179,19 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
         skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32))
     scalars['train/skipped_steps'] = new_state.skipped_steps
   return new_state, scalars
+
+
+def _activation_means(state: TrainState, batch, key, sites) -> list:
+  """The mean output of each activation site in the training-mode forward
+  pass `train_step` took (same weights, batch and dropout mask)."""
+  mutable = [layers.ACTIVATION_STATS] + (
+      ['batch_stats'] if state.batch_stats else [])
+  _, new_vars = state.apply_fn(
+      _variables(state, state.params), batch['image'], train=True,
+      rngs={'dropout': key}, mutable=mutable)
+  stats = metrics_lib.collect_activation_stats(
+      new_vars[layers.ACTIVATION_STATS], sites)
+  return [stats[f'act_mean/{name}'] for name, _ in sites]
 
 
 def histogram_step(state: TrainState, batch, dropout_key, *, layer_names,
@@ -408,6 +428,15 @@ class Diverged(Exception):
   """The loss or a gradient became non-finite under on_nonfinite='halt'."""
 
 
+# A run with at least this many unlogged steps runs them
+# without per-layer statistics, in a second compiled version of the step.
+# Statistics make a step 1.02-1.17x slower on the CPU and 1.14-1.64x on a
+# GPU (`python -m cnn_lab.bench`); the second compilation pays for itself
+# after ~100-2,400 unlogged steps on the CPU (VGG16-BN to LeNet-5) and
+# ~3,200-21,000 on an H200 (ResNet-50 float32 to VGG16-BN bfloat16).
+MIN_UNLOGGED_STEPS = 1000
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | pathlib.Path | None,
                        overwrite: bool = False) -> dict:
@@ -531,13 +560,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # --- Compile the steps. ---
   names = dict(layer_names=tuple(layer_names), activation_sites=sites)
-  p_train_step = jax.jit(
-      functools.partial(train_step, **names, bn_layers=bn_layers,
-                        schedule=schedule,
-                        aux_loss_weight=aux_loss_weight,
-                        layer_stats=layer_stats,
-                        skip_nonfinite=on_nonfinite == 'skip'),
-      donate_argnums=(0,))
+
+  def jit_train_step(with_stats: bool):
+    step_fn = functools.partial(
+        train_step, **names, bn_layers=bn_layers, schedule=schedule,
+        aux_loss_weight=aux_loss_weight, layer_stats=with_stats,
+        skip_nonfinite=on_nonfinite == 'skip')
+    step_fn.__name__ = 'train_step_with_stats' if with_stats else 'train_step'
+    return jax.jit(step_fn, donate_argnums=(0,))
+
   p_histogram_step = jax.jit(functools.partial(
       histogram_step, **names, aux_loss_weight=aux_loss_weight))
   p_probe_step = jax.jit(probe_step)
@@ -555,24 +586,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   nonfinite_reported = any('nonfinite/first_step' in l
                            for l in writers.read_metrics(workdir))
   eval_result = {}
-  # Compile the probe now, so that the first logged rate is the step's.
+  logged = lambda step: step % log_every == 0 or step == num_steps
+  # Per-layer statistics are written on logged steps only. In a long run
+  # the steps in between run a second version of the step without them
+  # (it updates the state alike); see MIN_UNLOGGED_STEPS. Both compile
+  # here with the probe, so that the first logged rate is the steps' own.
+  t_begin = time.perf_counter()
+  batch = next(batches)
   jax.block_until_ready(p_probe_step(state, probe_batch))
-  t_start = time.perf_counter()
-  t_last, step_last = t_start, start
+  unlogged = sum(not logged(step) for step in range(start + 1, num_steps + 1))
+  split = layer_stats and unlogged >= MIN_UNLOGGED_STEPS
+  with_stats = lambda step: layer_stats and (logged(step) or not split)
+  compiled = {v: jit_train_step(v).lower(state, batch, dropout_key).compile()
+              for v in ({True, False} if split else {layer_stats})}
+  which = ' (with and without statistics)' if split else ''
+  print(f'  compiled the train step{which} and the probe in '
+        f'{time.perf_counter() - t_begin:.1f}s', flush=True)
+  t_last, step_last = time.perf_counter(), start
   for step in range(start + 1, num_steps + 1):
-    batch = next(batches)
+    if step > start + 1:
+      batch = next(batches)
     if histogram_every and (step % histogram_every == 0 or step == 1):
       # Before the step, on its batch: the gradients it is about to apply.
       writer.write_histograms(step, jax.device_get(
           p_histogram_step(state, batch, dropout_key)))
-    state, scalars = p_train_step(state, batch, dropout_key)
-    if step == start + 1:
+    state, scalars = compiled[with_stats(step)](state, batch, dropout_key)
+    if step == start + 1:  # Rates from here: step 1 compiled histograms.
       jax.block_until_ready(state)
       t_last, step_last = time.perf_counter(), step
-      print(f'  compiled and ran step {step} in {t_last - t_start:.1f}s',
-            flush=True)
     first_bad = None
-    if step % log_every == 0 or step == num_steps:
+    if logged(step):
       scalars = jax.device_get({**scalars, **p_probe_step(state, probe_batch)})
       first_bad = jax.device_get(state.first_nonfinite)
       if first_bad[0] >= 0 and not nonfinite_reported:
@@ -611,7 +654,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # --- Plots, from the files just written. ---
   plot_paths = plots.plot_run(workdir)
-  print(f'done in {_format_duration(time.perf_counter() - t_start)}: '
+  print(f'done in {_format_duration(time.perf_counter() - t_begin)}: '
         f'metrics {workdir / "metrics.jsonl"}, {len(plot_paths)} plots in '
         f'{workdir / "plots"}', flush=True)
   return {k: float(v) for k, v in eval_result.items()}

@@ -43,7 +43,7 @@ def get_config() -> config_dict.ConfigDict:
   config.train.aux_loss_weight = 0.3  # Auxiliary heads' loss (GoogLeNet).
 
   config.log_every_steps = 50  # Metrics line and progress every N steps.
-  config.layer_stats = True  # Per-layer statistics (in the step; logged).
+  config.layer_stats = True  # Per-layer statistics, in logged steps only.
   config.probe_batch_size = 256  # Fixed training batch for probe/* losses.
   config.histogram_every_steps = 0  # TensorBoard histograms; 0: off.
   config.checkpoint_every_steps = 500  # Orbax checkpoint; 0: at the end only.

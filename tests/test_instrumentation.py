@@ -172,14 +172,18 @@ def test_nonfinite_origin_backward_pass(layer_stats):
   assert list(state.first_nonfinite) == [1, 1, -1]
 
 
-def test_nonfinite_origin_forward_pass():
+@pytest.mark.parametrize('layer_stats', [True, False])
+def test_nonfinite_origin_forward_pass(layer_stats):
   state, names, sites = _tiny_state(ForwardBlowUp())
   params = jax.tree.map(np.array, jax.device_get(state.params))
   params['fc2']['kernel'][0, 0] = np.nan
   state = state.replace(params=jax.tree.map(jnp.asarray, params))
-  state, scalars = _step_fn(names, sites)(state, _batch())
-  assert math.isfinite(scalars['act_mean/act1'])
-  assert not math.isfinite(scalars['act_mean/act2'])
+  state, scalars = _step_fn(names, sites, layer_stats)(state, _batch())
+  if layer_stats:
+    assert math.isfinite(scalars['act_mean/act1'])
+    assert not math.isfinite(scalars['act_mean/act2'])
+  else:  # No activation statistics: the step ran the forward pass again.
+    assert 'act_mean/act2' not in scalars
   # The forward pass went non-finite at act2; every gradient followed.
   assert [s for s, _ in sites] == ['act1', 'act2']
   assert list(state.first_nonfinite) == [1, names.index('fc3'), 1]

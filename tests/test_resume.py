@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_lab import train
+from cnn_lab import train, writers
 from cnn_lab.errors import ConfigError
 from configs import lenet5, plain20_diverge, plain20_diverge_clip
 
@@ -153,6 +153,39 @@ def test_same_config_and_seed_give_identical_metrics(reference, tmp_path):
       k: v for k, v in before.items() if not k.startswith('plots')}
 
 
+def test_steps_without_statistics_between_logged_steps_train_alike(
+    reference, tmp_path, capsys, monkeypatch):
+  # Logging every 5th step, the 19 steps in between run the step without
+  # per-layer statistics. The logged lines (5, 10, 15, 20, 24) must hold
+  # every key of the reference run (which logs all steps with statistics)
+  # with the same values, and the final weights must be the reference's.
+  monkeypatch.setattr(train, 'MIN_UNLOGGED_STEPS', 19)
+  train.train_and_evaluate(configure(lenet5, log_every_steps=5),
+                           tmp_path / 'run')
+  assert 'with and without statistics' in capsys.readouterr().out
+  def by_step(workdir):  # Train and eval lines of a step together.
+    merged = {}
+    for line in writers.read_metrics(workdir):
+      merged.setdefault(line['step'], {}).update(line)
+    return merged
+
+  ref, lines = by_step(reference), by_step(tmp_path / 'run')
+  assert list(lines) == [5, 10, 15, 20, 24]
+  for line in lines.values():
+    expected = ref[line['step']]
+    # Per-layer statistics (grad_norm/conv1, act_mean/..., bn_...) included.
+    assert len([k for k in line if k.startswith('grad_norm/')]) > 1
+    assert set(line) <= set(expected), set(line) - set(expected)
+    for key, value in line.items():
+      np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-7,
+                                 err_msg=f'{key} at step {line["step"]}')
+  ours, theirs = final_params(tmp_path / 'run'), final_params(reference)
+  assert ours.keys() == theirs.keys()
+  for key in ours:
+    np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-7,
+                               err_msg=key)
+
+
 def test_workdir_of_another_config_is_refused_unless_overwrite(reference,
                                                                tmp_path):
   workdir = tmp_path / 'run'
@@ -251,12 +284,17 @@ def test_skip_drops_nonfinite_updates_and_counts_them(tmp_path):
 
 
 def test_each_step_function_compiles_once_also_after_resume(
-    tmp_path, caplog, capsys):
-  """No recompilation inside the loop: per process, the train, probe,
-  histogram and eval steps compile once each, also in a resumed run whose
-  state came from a checkpoint."""
+    tmp_path, caplog, capsys, monkeypatch):
+  """No recompilation inside the loop: per process, the train step (with
+  statistics on logged steps, without on the others), probe, histogram and
+  eval steps compile once each, also in a resumed run whose state came from
+  a checkpoint."""
+  # Logged steps 3, 6, 8: 5 unlogged steps in the first run, so it compiles
+  # the step without statistics too; 2 (5 and 7) after resuming from step
+  # 4, too few, so that run uses the one with statistics throughout.
+  monkeypatch.setattr(train, 'MIN_UNLOGGED_STEPS', 5)
   config = configure(lenet5, {**SHORT, 'train.num_steps': 8,
-                              'eval_every_steps': 3,
+                              'log_every_steps': 3, 'eval_every_steps': 3,
                               'histogram_every_steps': 2})
   counts = []
   for attempt in range(2):
@@ -266,11 +304,12 @@ def test_each_step_function_compiles_once_also_after_resume(
     compiled = [r.getMessage() for r in caplog.records]
     counts.append({name: sum(m.startswith(f'Compiling jit({name})')
                              for m in compiled)
-                   for name in ('train_step', 'probe_step', 'histogram_step',
-                                'eval_step')})
+                   for name in ('train_step', 'train_step_with_stats',
+                                'probe_step', 'histogram_step', 'eval_step')})
     if attempt == 0:  # Resume from step 4 next time.
       shutil.rmtree(tmp_path / 'run' / 'checkpoints' / '8')
   assert 'resumed from the checkpoint of step 4' in capsys.readouterr().out
-  assert counts[0] == {'train_step': 1, 'probe_step': 1, 'histogram_step': 1,
+  assert counts[0] == {'train_step': 1, 'train_step_with_stats': 1,
+                       'probe_step': 1, 'histogram_step': 1,
                        'eval_step': 1}, counts
-  assert counts[1] == counts[0], counts
+  assert counts[1] == {**counts[0], 'train_step': 0}, counts
