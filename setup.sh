@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up for a fresh Debian machine with Python 3.11:
-#  1. Debian's dataset-fashion-mnist package (the offline default dataset)
-#     and chromium (the report test renders HTML in headless Chromium);
+#  1. Debian's dataset-fashion-mnist package (the offline default dataset),
+#     chromium (the report test renders HTML in headless Chromium) and g++
+#     (to build the oneDNN convolution handlers);
 #  2. a virtualenv in .venv with cnn_lab, its pinned dependencies and the
 #     test extra (pytest; torch==2.13.0, CPU build, for the benchmark);
-#  3. TFDS's fashion_mnist prepared from Debian's files, checksums verified.
+#  3. cnn_lab's oneDNN convolutions compiled (cnn_lab/onednn.py);
+#  4. TFDS's fashion_mnist prepared from Debian's files, checksums verified.
 # Re-running it when all is done takes a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +14,7 @@ cd "$(dirname "$0")"
 # Debian packages: the offline dataset, and Chromium for the test that
 # renders the HTML report headless. One apt-get run, only for what is missing.
 missing=''
-for pkg in dataset-fashion-mnist chromium; do
+for pkg in dataset-fashion-mnist chromium g++; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null \
       | grep -q 'install ok installed'; then
     missing="$missing $pkg"
@@ -42,6 +44,13 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   rm -f .venv/.cnn_lab-installed-*
   touch "$stamp"
+fi
+
+# The oneDNN handlers (seconds; skipped once built for this source). Where
+# they cannot be built the layers keep XLA's paths, only slower.
+if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
+  .venv/bin/python -m cnn_lab.onednn \
+    || echo '[setup] continuing without oneDNN convolutions (slower on the CPU)'
 fi
 
 .venv/bin/python -m cnn_lab.data.prepare

@@ -91,6 +91,21 @@ convolutions, and say so):
   2.1; XLA 3.1-3.5; at 16 channels XLA wins, 5.4 against 8.9 and 8.1),
   but in LeNet-5's step the shifted one is (7.4-7.7 ms against 8.1-8.4,
   alternating). LeNet-5's step with both: 7.4 ms against 12.4.
+- oneDNN. Where its convolutions are available (`onednn.py`: oneDNN 3.2,
+  the library behind PyTorch's CPU convolutions, as XLA custom calls),
+  float32 layers with fewer than `ONEDNN_MAX_CHANNELS` (128) channels on
+  either side take them for all three passes, before every rule above.
+  In isolation at batch 128, with two of XLA's threads busy elsewhere:
+  32x32x16 -> 16 forward / dx / dw 7.0 / 7.5 / 5.6 ms against XLA's 9.7 /
+  9.6 / 13.0; LeNet-5's C1 0.37 / 2.2 / 0.36 against 5.8 / 7.0 / 1.0. In
+  whole steps (alternating): ResNet-20 312 -> 204 ms, LeNet-5 9.6 -> 7.7,
+  VGG16-BN 1,031 -> 900, ResNet-50 (224x224, batch 16) 2,529 -> 2,315.
+  oneDNN on every layer was slower on the wide ones (VGG16-BN 1,210
+  against 971 ms, ResNet-50 2,470), and so was a threshold of 256
+  (VGG16-BN 949 against 887). Its OpenMP threads must sleep between calls
+  (`onednn._sleeping_openmp_threads`): spinning, they took ResNet-20's
+  step to 231 ms. The three paths' compile time is also lower: ResNet-20
+  3 s against 8.
 - Steps, img/s, four runs of experiments/conv_paths.py (medians of
   alternating rounds; the machine drifts by up to 20% between runs, the
   ratios less): ResNet-20, XLA 172-209, the previous choice (im2col for up
@@ -129,6 +144,7 @@ import numpy as np
 from jax import lax
 
 from cnn_lab.errors import ConfigError, check_choice
+from cnn_lab import onednn
 
 Array = jax.Array
 
@@ -154,7 +170,7 @@ CHUNK_BYTES = 1024 * 1024
 THIN_DX_CHANNELS = 8
 CHUNKED_FWD_MAX_CHANNELS = 32
 
-CONV_IMPLS = ('auto', 'fast', 'xla', 'shifted', 'im2col')
+CONV_IMPLS = ('auto', 'fast', 'xla', 'shifted', 'im2col', 'onednn')
 
 XLA_PATHS = ('xla', 'xla', 'xla')
 
@@ -317,6 +333,15 @@ WINOGRAD_MIN_CHANNELS = 128
 # of the batch ('chunked').
 WINOGRAD_DW_MIN_CHANNELS = 32
 
+# oneDNN's convolutions (`onednn.py`), all three passes, for float32 layers
+# with fewer than this many channels on either side; wider ones keep the
+# paths below (Winograd's, XLA's). In whole steps, against no oneDNN:
+# ResNet-20 312 -> 204 ms, VGG16-BN 1,031 -> 900, ResNet-50 (224x224, batch
+# 16) 2,529 -> 2,315; oneDNN on every layer: VGG16-BN 1,210 against 971,
+# ResNet-50 2,470; threshold 256: VGG16-BN 949 against 887 at 128.
+ONEDNN_MAX_CHANNELS = 128
+ONEDNN_PATHS = ('onednn', 'onednn', 'onednn')
+
 
 def winograd_applies(kernel_hw, strides, pads) -> bool:
   """Whether `conv_winograd` computes this convolution: a 3x3 kernel at
@@ -407,7 +432,8 @@ def kernel_grad_winograd(x, dy, kernel_shape, strides, pads):
 # Forward paths (and, differentiated by JAX, dx paths; conv_paths computes
 # Winograd's dx as the forward pass of dy with the flipped kernel).
 CONV_FNS = {'xla': conv_xla, 'shifted': conv_shifted, 'im2col': conv_im2col,
-            'chunked': conv_chunked, 'winograd': conv_winograd}
+            'chunked': conv_chunked, 'winograd': conv_winograd,
+            'onednn': onednn.conv}
 
 
 def kernel_grad_xla(x, dy, kernel_shape, strides, pads):
@@ -452,7 +478,8 @@ def kernel_grad_chunked(x, dy, kernel_shape, strides, pads):
 KERNEL_GRAD_FNS = {'xla': kernel_grad_xla, 'matmul': kernel_grad_matmul,
                    'shifted': kernel_grad_shifted,
                    'chunked': kernel_grad_chunked,
-                   'winograd': kernel_grad_winograd}
+                   'winograd': kernel_grad_winograd,
+                   'onednn': onednn.kernel_grad}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -480,11 +507,13 @@ def _conv_paths_bwd(strides, pads, paths, residuals, dy):
     # derivative of the transforms would run as scatters.
     dx = conv_winograd(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3),
                        strides, pads)
+  elif dx_path == 'onednn':
+    dx = onednn.input_grad(dy, kernel, x.shape, strides, pads)
   else:
     dx = jax.vjp(lambda a: CONV_FNS[dx_path](a, kernel, strides, pads),
                  x)[1](dy)[0]
-  if dw_path != 'xla' and (kernel.shape[:2] != (1, 1) or
-                           strides != (1, 1)):
+  if dw_path not in ('xla', 'onednn') and (kernel.shape[:2] != (1, 1) or
+                                           strides != (1, 1)):
     # The windows depend on x alone, so XLA would build those of every
     # layer as soon as x exists and hold them all until the backward pass
     # (3x the step's memory in ResNet-20); optimization_barrier does not
@@ -502,12 +531,24 @@ conv_paths.defvjp(_conv_paths_fwd, _conv_paths_bwd)
 
 
 def select_conv_paths(backend: str, x_shape, kernel_shape, strides,
-                      padding, dtype=jnp.float32) -> tuple[str, str, str]:
+                      padding, dtype=jnp.float32, with_onednn: bool = False
+                      ) -> tuple[str, str, str]:
   """The (forward, dx, dw) paths of `conv2d(impl='auto')`, a function of
-  the backend, the shapes and the compute dtype alone (module docstring)."""
+  the backend, the shapes, the compute dtype and whether oneDNN's
+  convolutions are available (`onednn.available()`) alone (module
+  docstring)."""
   kh, kw, ci, co = kernel_shape
   if backend != 'cpu':
     return XLA_PATHS
+  if (with_onednn and jnp.dtype(dtype) == jnp.float32 and
+      min(ci, co) < ONEDNN_MAX_CHANNELS):
+    return ONEDNN_PATHS
+  return _select_without_onednn(x_shape, kernel_shape, strides, padding,
+                                dtype)
+
+
+def _select_without_onednn(x_shape, kernel_shape, strides, padding, dtype):
+  kh, kw, ci, co = kernel_shape
   if kh * kw == 1:
     return ('im2col', 'im2col', 'matmul')
   pads, (out_h, out_w) = conv_geometry(x_shape[1:3], (kh, kw), strides,
@@ -546,11 +587,15 @@ def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
   if impl in ('auto', 'fast'):
     backend = jax.default_backend() if impl == 'auto' else 'cpu'
     pads, _ = conv_geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
-    paths = select_conv_paths(backend, x.shape, kernel.shape, strides, pads,
-                              x.dtype)
+    paths = select_conv_paths(
+        backend, x.shape, kernel.shape, strides, pads, x.dtype,
+        jax.default_backend() == 'cpu' and onednn.available())
     if paths == XLA_PATHS:
       return conv_xla(x, kernel, strides, pads)
     return conv_paths(x, kernel, strides, pads, paths)
+  if impl == 'onednn':
+    pads, _ = conv_geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
+    return conv_paths(x, kernel, strides, pads, ONEDNN_PATHS)
   return CONV_FNS[impl](x, kernel, strides, padding)
 
 

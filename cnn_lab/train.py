@@ -430,9 +430,9 @@ class Diverged(Exception):
 
 # A run with at least this many unlogged steps runs them
 # without per-layer statistics, in a second compiled version of the step.
-# Statistics make a step 1.02-1.17x slower on the CPU and 1.14-1.64x on a
+# Statistics make a step 1.05-1.29x slower on the CPU and 1.14-1.64x on a
 # GPU (`python -m cnn_lab.bench`); the second compilation pays for itself
-# after ~100-2,400 unlogged steps on the CPU (VGG16-BN to LeNet-5) and
+# after ~100-700 unlogged steps on the CPU (ResNet-20 to LeNet-5) and
 # ~3,200-21,000 on an H200 (ResNet-50 float32 to VGG16-BN bfloat16).
 MIN_UNLOGGED_STEPS = 1000
 

@@ -1,6 +1,8 @@
 """cnn_lab.layers.conv2d against jax.lax.conv_general_dilated."""
 
 import functools
+import platform
+import sys
 from unittest import mock
 
 import jax
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cnn_lab import layers
+from cnn_lab import layers, onednn
 
 CASES = [
     # (batch, h, w, c_in, c_out, kernel, strides, padding)
@@ -74,8 +76,9 @@ WINOGRAD_PATHS = [('winograd', 'winograd', 'winograd'),
                   ('winograd', 'xla', 'chunked'),
                   ('xla', 'winograd', 'winograd')]
 assert ({p[0] for p in PATHS} == {p[1] for p in PATHS} ==
-        set(layers.CONV_FNS) - {'winograd'})
-assert {p[2] for p in PATHS} == set(layers.KERNEL_GRAD_FNS) - {'winograd'}
+        set(layers.CONV_FNS) - {'winograd', 'onednn'})
+assert {p[2] for p in PATHS} == set(layers.KERNEL_GRAD_FNS) - {'winograd',
+                                                               'onednn'}
 
 # (batch, h, w, c_in, c_out, kernel, strides, padding): strides 1 and 2,
 # kernels 1, 3, 5 and 7, int, tuple, 'SAME' and 'VALID' padding, odd and
@@ -218,6 +221,50 @@ def test_conv_paths_bfloat16(case, paths):
                                atol=2e-2 * np.abs(r).max(), err_msg=name)
 
 
+@pytest.mark.parametrize('case', PATH_CASES, ids=str)
+def test_onednn_paths_float32(case):
+  assert_float32_close(*run_conv_paths(case, layers.ONEDNN_PATHS,
+                                       jnp.float32), 1e-4)
+
+
+def test_onednn_is_built_where_setup_installs_it():
+  # setup.sh installs oneDNN's wheels (Linux x86-64 only) and builds the
+  # handlers; without them every layer would quietly keep slower paths.
+  if sys.platform == 'linux' and platform.machine() == 'x86_64':
+    assert onednn.available(), onednn._load()
+    assert onednn.library_path().exists()
+
+
+def test_onednn_build_names_a_missing_compiler(monkeypatch, tmp_path):
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-g++'))
+  with pytest.raises(RuntimeError, match='no-such-g\\+\\+'):
+    onednn.build()
+
+
+def test_select_conv_paths_with_onednn():
+  def select(ci, co, k=3, s=1, hw=32, dtype=jnp.float32, backend='cpu'):
+    return layers.select_conv_paths(backend, (128, hw, hw, ci),
+                                    (k, k, ci, co), (s, s), 'SAME', dtype,
+                                    with_onednn=True)
+
+  onednn_paths = ('onednn', 'onednn', 'onednn')
+  # float32 layers with fewer than 128 channels on either side, any kernel.
+  for shape in [(16, 16), (3, 16), (1, 6, 5), (6, 16, 5), (64, 64, 1),
+                (16, 32, 3, 2), (3, 64, 7, 2), (127, 512), (512, 64)]:
+    assert select(*shape) == onednn_paths, shape
+  # Wider ones, bfloat16 and other backends: as without oneDNN.
+  for kwargs in [dict(ci=128, co=128), dict(ci=256, co=512, hw=8),
+                 dict(ci=128, co=256, k=1),
+                 dict(ci=16, co=16, dtype=jnp.bfloat16),
+                 dict(ci=16, co=16, backend='gpu')]:
+    without = layers.select_conv_paths(
+        kwargs.get('backend', 'cpu'), (128, kwargs.get('hw', 32),
+                                       kwargs.get('hw', 32), kwargs['ci']),
+        (kwargs.get('k', 3),) * 2 + (kwargs['ci'], kwargs['co']), (1, 1),
+        'SAME', kwargs.get('dtype', jnp.float32))
+    assert select(**kwargs) == without != onednn_paths, kwargs
+
+
 def test_select_conv_paths_cpu_only():
   def select(backend, hw, ci, co, k, s=1, padding='SAME'):
     return layers.select_conv_paths(backend, (128, hw, hw, ci), (k, k, ci, co),
@@ -285,7 +332,10 @@ def test_auto_takes_the_custom_vjp_on_cpu_only_where_selected():
   assert 'custom_vjp_call' in primitives(16, 16, 3)
   assert 'custom_vjp_call' in primitives(16, 16, 1)
   assert primitives(16, 16, 3, impl='xla') == {'conv_general_dilated'}
-  assert primitives(16, 16, 5) == {'conv_general_dilated'}
+  # A thin 5x5 layer: oneDNN's paths where it is available, else XLA's.
+  assert 'custom_vjp_call' in primitives(16, 16, 5)
+  with mock.patch.object(onednn, 'available', lambda: False):
+    assert primitives(16, 16, 5) == {'conv_general_dilated'}
   # The same shapes on another backend take XLA's paths.
   with mock.patch.object(jax, 'default_backend', lambda: 'gpu'):
     assert primitives(2, 256, 3) == {'conv_general_dilated'}

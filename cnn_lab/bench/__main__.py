@@ -37,6 +37,7 @@ if __name__ == '__main__':
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from cnn_lab import layers, onednn  # noqa: E402
 from cnn_lab.bench import suite  # noqa: E402
 from cnn_lab.errors import ArgumentParser  # noqa: E402
 
@@ -53,7 +54,8 @@ def parse_args(argv):
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'))
   parser.add_argument('--conv_impl', default=None,
-                      choices=('auto', 'fast', 'xla', 'shifted', 'im2col'),
+                      choices=('auto', 'fast', 'xla', 'shifted', 'im2col',
+                               'onednn'),
                       help='override the configs\' model.conv_impl')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--min_seconds', type=float, default=1.0,
@@ -166,6 +168,8 @@ def format_markdown(header: dict, results: list[dict]) -> str:
       + (f', PyTorch {header["torch"]}' if header.get('torch') else '')
       + (f'; XLA_FLAGS={header["xla_flags"]}' if header.get('xla_flags')
          else '')
+      + (f'; convolutions: {header["convolutions"]}'
+         if header.get('convolutions') else '')
       + f'; {header["dtype"]}; {header["matmul"]} matmul peak '
       f'{header["matmul_peak_gflops"]:.0f} GFLOP/s; {header["date"]}.', '',
       '| model | input, batch | params | train GFLOP/img | compile s '
@@ -198,6 +202,19 @@ def format_markdown(header: dict, results: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _convolutions(args) -> str:
+  """Which convolution paths the Flax steps take, in a few words."""
+  if args.conv_impl not in (None, 'auto', 'fast'):
+    return f'conv_impl={args.conv_impl}'
+  if jax.default_backend() != 'cpu' and args.conv_impl != 'fast':
+    return 'XLA\'s'
+  if args.dtype == 'float32' and onednn.available():
+    return (f'oneDNN below {layers.ONEDNN_MAX_CHANNELS} channels, '
+            'cnn_lab\'s paths above')
+  why = 'bfloat16' if args.dtype != 'float32' else 'oneDNN not available'
+  return f'cnn_lab\'s paths ({why})'
+
+
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   log = lambda line: print(f'[bench] {line}', flush=True)
@@ -211,6 +228,7 @@ def main(argv=None) -> int:
       'matmul': '2048x2048 ' + args.dtype,
       # As cnn_lab set them on import (cnn_lab/xla_flags.py) or the user.
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'convolutions': _convolutions(args),
   }
   if args.vs_torch:
     import torch  # pylint: disable=import-outside-toplevel

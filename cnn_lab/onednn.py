@@ -1,0 +1,170 @@
+"""oneDNN's CPU convolutions, as XLA custom calls (float32, NHWC, HWIO).
+
+XLA's CPU backend runs thin convolutions (ResNet-20's 16-64 channels,
+LeNet-5's 1-16) and most kernel gradients well below the matmul peak.
+oneDNN, the library behind PyTorch's CPU convolutions, has kernels
+generated for the machine's vector units. `csrc/onednn_conv.cc` wraps its
+forward, input-gradient and kernel-gradient convolutions as XLA FFI
+handlers; `layers.conv_paths` uses them as the path 'onednn'.
+
+The library comes from the pinned wheels onednn-cpu-iomp and
+onednn-devel-cpu-iomp (oneDNN 3.2 on Intel's OpenMP runtime, from the wheel
+intel-openmp; the libraries in <prefix>/lib, the headers in
+<prefix>/include) and is compiled with the C++
+compiler once, by `python -m cnn_lab.onednn` (setup.sh runs it) or on
+first use, into <prefix>/lib/libcnn_lab_onednn-<hash of the source>.so.
+Where that cannot be done, `available()` is False and the layers keep
+their XLA paths; `python -m cnn_lab.onednn` says why.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name('csrc') / 'onednn_conv.cc'
+TARGETS = {'fwd': 'OnednnConvFwd', 'dx': 'OnednnConvBwdData',
+           'dw': 'OnednnConvBwdWeights'}
+
+
+# Compiler flags after the source; '-Wl,--disable-new-dtags' makes the
+# search path a DT_RPATH, which also finds libdnnl's own libiomp5.so.
+FLAGS = ('-std=c++17', '-O2', '-shared', '-fPIC', '-w',
+         '-Wl,--disable-new-dtags', '-Wl,-rpath,$ORIGIN')
+
+
+def library_path() -> pathlib.Path:
+  digest = hashlib.sha256(SOURCE.read_bytes() + repr(FLAGS).encode()
+                          ).hexdigest()[:12]
+  return pathlib.Path(sys.prefix) / 'lib' / f'libcnn_lab_onednn-{digest}.so'
+
+
+def build() -> pathlib.Path:
+  """Compiles the handlers against the installed oneDNN and JAX's FFI
+  headers; raises RuntimeError with the reason where it cannot."""
+  target = library_path()
+  prefix = pathlib.Path(sys.prefix)
+  lib_dir, include = prefix / 'lib', prefix / 'include'
+  if not (include / 'oneapi' / 'dnnl' / 'dnnl.hpp').exists():
+    raise RuntimeError(f'no oneDNN headers in {include} (pip install '
+                       'onednn-devel-cpu-iomp==2023.2.0)')
+  if not (lib_dir / 'libdnnl.so').exists():
+    raise RuntimeError(f'no libdnnl.so in {lib_dir} (pip install '
+                       'onednn-cpu-iomp==2023.2.0)')
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which(
+      'c++')
+  if not compiler:
+    raise RuntimeError('no C++ compiler (apt-get install g++)')
+  # Written under another name and renamed: processes building at the same
+  # time never load a half-written library.
+  with tempfile.NamedTemporaryFile(dir=lib_dir, suffix='.so',
+                                   delete=False) as tmp:
+    pass
+  cmd = [compiler, str(SOURCE), *FLAGS, f'-I{include}',
+         f'-I{jax.ffi.include_dir()}', f'-L{lib_dir}', '-ldnnl', '-o',
+         tmp.name]
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  except OSError as e:
+    os.unlink(tmp.name)
+    raise RuntimeError(f'cannot run the C++ compiler {compiler}: {e}') from e
+  if done.returncode != 0:
+    os.unlink(tmp.name)
+    raise RuntimeError(f'{" ".join(cmd)} failed:\n{done.stderr.strip()}')
+  os.replace(tmp.name, target)
+  for old in lib_dir.glob('libcnn_lab_onednn-*.so'):  # Older sources'.
+    if old != target:
+      old.unlink(missing_ok=True)
+  return target
+
+
+def _sleeping_openmp_threads() -> None:
+  """KMP_BLOCKTIME=0 (unless set): oneDNN's OpenMP threads sleep as soon
+  as a convolution ends.
+
+  By default they spin for a while, on the cores XLA's own threads need
+  next: ResNet-20's step took 231 ms with spinning threads against 204 with
+  sleeping ones. Intel's OpenMP runtime (libiomp5, which this oneDNN build
+  uses) reads the variable when its threads start; PyTorch's runtime is GNU
+  OpenMP (libgomp), which ignores it, so `bench --vs-torch` leaves PyTorch
+  as it is. (A libgomp build of oneDNN would share one runtime, and one
+  wait policy, with PyTorch in the same process.)
+  """
+  os.environ.setdefault('KMP_BLOCKTIME', '0')
+
+
+@functools.cache
+def _load() -> str | None:
+  """Registers the handlers with XLA; None, or why it could not."""
+  path = library_path()
+  try:
+    if not path.exists():
+      build()
+    _sleeping_openmp_threads()
+    lib = ctypes.CDLL(str(path))
+  except (RuntimeError, OSError) as e:
+    return str(e)
+  for name in TARGETS.values():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
+                                platform='cpu')
+  return None
+
+
+def available() -> bool:
+  """Whether the 'onednn' path can run here (built on first call)."""
+  return _load() is None
+
+
+def _call(which: str, out_shape, a, b, strides, pads):
+  reason = _load()
+  if reason:
+    raise RuntimeError(f'the oneDNN convolutions are not available: {reason}')
+  (pt, pb), (pl, pr) = pads
+  return jax.ffi.ffi_call(
+      TARGETS[which], jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32))(
+          a, b, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+          pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl), pr=np.int64(pr))
+
+
+def _out_hw(in_hw, kernel_hw, strides, pads):
+  return tuple((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi)
+               in zip(in_hw, kernel_hw, strides, pads))
+
+
+def conv(x, kernel, strides, pads):
+  """The convolution (NHWC x, HWIO kernel, explicit `pads`)."""
+  out_h, out_w = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+  return _call('fwd', (x.shape[0], out_h, out_w, kernel.shape[3]), x,
+               kernel, strides, pads)
+
+
+def input_grad(dy, kernel, x_shape, strides, pads):
+  """d(loss)/dx from dy = d(loss)/d(conv(x, kernel))."""
+  return _call('dx', x_shape, dy, kernel, strides, pads)
+
+
+def kernel_grad(x, dy, kernel_shape, strides, pads):
+  """d(loss)/d(kernel) from x and dy."""
+  return _call('dw', kernel_shape, x, dy, strides, pads)
+
+
+def main() -> int:
+  reason = _load()
+  if reason:
+    print(f'cnn_lab.onednn: not available: {reason}', file=sys.stderr)
+    return 1
+  print(f'cnn_lab.onednn: {library_path()}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
