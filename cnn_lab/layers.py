@@ -594,6 +594,10 @@ def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
       return conv_xla(x, kernel, strides, pads)
     return conv_paths(x, kernel, strides, pads, paths)
   if impl == 'onednn':
+    if jax.default_backend() != 'cpu' or x.dtype != jnp.float32:
+      raise ConfigError(
+          f"conv_impl='onednn' runs float32 on the CPU only, not "
+          f"{x.dtype.name} on {jax.default_backend()}: use 'auto'")
     pads, _ = conv_geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
     return conv_paths(x, kernel, strides, pads, ONEDNN_PATHS)
   return CONV_FNS[impl](x, kernel, strides, padding)

@@ -80,6 +80,7 @@ def build() -> pathlib.Path:
   if done.returncode != 0:
     os.unlink(tmp.name)
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{done.stderr.strip()}')
+  os.chmod(tmp.name, 0o755)  # Loadable by every user of the prefix.
   os.replace(tmp.name, target)
   for old in lib_dir.glob('libcnn_lab_onednn-*.so'):  # Older sources'.
     if old != target:

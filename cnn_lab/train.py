@@ -594,7 +594,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   t_begin = time.perf_counter()
   batch = next(batches)
   jax.block_until_ready(p_probe_step(state, probe_batch))
-  unlogged = sum(not logged(step) for step in range(start + 1, num_steps + 1))
+  # Counted over the whole run, not from `start`: a resumed run takes the
+  # same version at every step as the uninterrupted one, so it stays exact.
+  unlogged = sum(not logged(step) for step in range(1, num_steps + 1))
   split = layer_stats and unlogged >= MIN_UNLOGGED_STEPS
   with_stats = lambda step: layer_stats and (logged(step) or not split)
   compiled = {v: jit_train_step(v).lower(state, batch, dropout_key).compile()

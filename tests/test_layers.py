@@ -12,6 +12,7 @@ import pytest
 from jax import lax
 
 from cnn_lab import layers, onednn
+from cnn_lab.errors import ConfigError
 
 CASES = [
     # (batch, h, w, c_in, c_out, kernel, strides, padding)
@@ -233,6 +234,16 @@ def test_onednn_is_built_where_setup_installs_it():
   if sys.platform == 'linux' and platform.machine() == 'x86_64':
     assert onednn.available(), onednn._load()
     assert onednn.library_path().exists()
+
+
+def test_onednn_impl_refuses_bfloat16_and_other_backends():
+  x, kernel = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
+  with pytest.raises(ConfigError, match='not bfloat16 on cpu'):
+    layers.conv2d(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+                  impl='onednn')
+  with mock.patch.object(jax, 'default_backend', lambda: 'gpu'):
+    with pytest.raises(ConfigError, match='not float32 on gpu'):
+      layers.conv2d(x, kernel, impl='onednn')
 
 
 def test_onednn_build_names_a_missing_compiler(monkeypatch, tmp_path):

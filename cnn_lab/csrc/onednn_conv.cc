@@ -159,6 +159,9 @@ ffi::Error Guarded(F f) {
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("oneDNN convolution: ") + e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      "oneDNN convolution: unknown error");
   }
 }
 
