@@ -543,12 +543,6 @@ def select_conv_paths(backend: str, x_shape, kernel_shape, strides,
   if (with_onednn and jnp.dtype(dtype) == jnp.float32 and
       min(ci, co) < ONEDNN_MAX_CHANNELS):
     return ONEDNN_PATHS
-  return _select_without_onednn(x_shape, kernel_shape, strides, padding,
-                                dtype)
-
-
-def _select_without_onednn(x_shape, kernel_shape, strides, padding, dtype):
-  kh, kw, ci, co = kernel_shape
   if kh * kw == 1:
     return ('im2col', 'im2col', 'matmul')
   pads, (out_h, out_w) = conv_geometry(x_shape[1:3], (kh, kw), strides,
@@ -580,27 +574,27 @@ def conv2d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
   """2-D convolution, NHWC input and HWIO kernel.
 
   impl: 'auto' (by backend and shape, `select_conv_paths`); 'fast' (the
-  CPU's choice of 'auto' on any backend); or one path for the forward
-  pass, differentiated by JAX: 'xla', 'shifted', 'im2col'.
+  CPU's choice of 'auto' on any backend); 'onednn' (oneDNN's convolutions
+  for all three products: float32 on the CPU only); or one path for the
+  forward pass, differentiated by JAX: 'xla', 'shifted', 'im2col'.
   """
   strides = tuple(int(s) for s in strides)
-  if impl in ('auto', 'fast'):
-    backend = jax.default_backend() if impl == 'auto' else 'cpu'
-    pads, _ = conv_geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
-    paths = select_conv_paths(
-        backend, x.shape, kernel.shape, strides, pads, x.dtype,
-        jax.default_backend() == 'cpu' and onednn.available())
-    if paths == XLA_PATHS:
-      return conv_xla(x, kernel, strides, pads)
-    return conv_paths(x, kernel, strides, pads, paths)
+  if impl not in ('auto', 'fast', 'onednn'):
+    return CONV_FNS[impl](x, kernel, strides, padding)
+  pads, _ = conv_geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
+  on_cpu = jax.default_backend() == 'cpu'
   if impl == 'onednn':
-    if jax.default_backend() != 'cpu' or x.dtype != jnp.float32:
+    if not on_cpu or x.dtype != jnp.float32:
       raise ConfigError(
           f"conv_impl='onednn' runs float32 on the CPU only, not "
           f"{x.dtype.name} on {jax.default_backend()}: use 'auto'")
-    pads, _ = conv_geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
     return conv_paths(x, kernel, strides, pads, ONEDNN_PATHS)
-  return CONV_FNS[impl](x, kernel, strides, padding)
+  paths = select_conv_paths(
+      jax.default_backend() if impl == 'auto' else 'cpu', x.shape,
+      kernel.shape, strides, pads, x.dtype, on_cpu and onednn.available())
+  if paths == XLA_PATHS:
+    return conv_xla(x, kernel, strides, pads)
+  return conv_paths(x, kernel, strides, pads, paths)
 
 
 class Conv(nn.Module):

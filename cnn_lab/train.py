@@ -604,7 +604,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   which = ' (with and without statistics)' if split else ''
   print(f'  compiled the train step{which} and the probe in '
         f'{time.perf_counter() - t_begin:.1f}s', flush=True)
-  t_last, step_last = time.perf_counter(), start
   for step in range(start + 1, num_steps + 1):
     if step > start + 1:
       batch = next(batches)
