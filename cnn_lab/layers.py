@@ -102,10 +102,10 @@ convolutions, and say so):
   VGG16-BN 1,031 -> 900, ResNet-50 (224x224, batch 16) 2,529 -> 2,315.
   oneDNN on every layer was slower on the wide ones (VGG16-BN 1,210
   against 971 ms, ResNet-50 2,470), and so was a threshold of 256
-  (VGG16-BN 949 against 887). Its OpenMP threads must sleep between calls
-  (`onednn._sleeping_openmp_threads`): spinning, they took ResNet-20's
-  step to 231 ms. The three paths' compile time is also lower: ResNet-20
-  3 s against 8.
+  (VGG16-BN 949 against 887). Each call runs on XLA's own threads, its
+  batch split between them (`onednn`): on oneDNN's OpenMP threads the
+  calls competed with XLA's for the cores. The three paths' compile time
+  is also lower: ResNet-20 3 s against 8.
 - Steps, img/s, four runs of experiments/conv_paths.py (medians of
   alternating rounds; the machine drifts by up to 20% between runs, the
   ratios less): ResNet-20, XLA 172-209, the previous choice (im2col for up
@@ -129,8 +129,8 @@ convolutions, and say so):
   ResNet-20 and VGG16). glibc's MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
   removes them but slows these paths' steps more than it saves (ResNet-20
   187 against 256 img/s; XLA's own 211 against 209). Huge pages for malloc
-  do pay (cnn_lab/hugepages.py: the command-line entry points re-run
-  themselves with them).
+  do pay, and tcmalloc, which keeps freed memory, more (cnn_lab/malloc.py:
+  the command-line entry points re-run themselves on one of them).
 """
 
 import functools
@@ -711,16 +711,123 @@ def get_kernel_init(name: str, std: float = 0.01) -> Callable:
 BN_MOMENTUM = 0.9
 
 
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+  f32 = jnp.promote_types(x.dtype, jnp.float32)
+  xf = x.astype(f32)
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(xf, axes)
+  raw_var = jnp.mean(lax.square(xf), axes) - lax.square(mean)
+  var = jnp.maximum(0.0, raw_var)
+  inv = lax.rsqrt(var + epsilon)
+  mul = inv * scale
+  y = (xf - mean) * mul + bias
+  return (y, mean, var), (x, mean, raw_var, inv, mul)
+
+
+def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+  del epsilon  # In `inv`.
+  x, mean, raw_var, inv, mul = residuals
+  g, d_mean, d_var = cotangents
+  f32 = jnp.promote_types(x.dtype, jnp.float32)
+  xf, g = x.astype(f32), g.astype(f32)
+  axes = tuple(range(x.ndim - 1))
+  count = x.size // x.shape[-1]
+  sum_g = jnp.sum(g, axes)
+  # sum g * (x - mean), from two sums XLA computes side by side.
+  sum_gxc = jnp.sum(g * xf, axes) - mean * sum_g
+  # var = max(0, raw_var) passes the gradient where raw_var > 0 (half of it
+  # at 0, as JAX's maximum does).
+  passes = jnp.where(raw_var > 0, 1.0, jnp.where(raw_var == 0, 0.5, 0.0))
+  d_var = (d_var - 0.5 * mul * inv * inv * sum_gxc) * passes
+  d_mean = d_mean - mul * sum_g
+  # d var / d x = 2 (x - mean) / count, d mean / d x = 1 / count.
+  slope = 2.0 * d_var / count
+  dx = mul * g + slope * xf + (d_mean / count - slope * mean)
+  return dx.astype(x.dtype), sum_gxc * inv, sum_g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float
+                     ) -> tuple[Array, Array, Array]:
+  """Training-mode batch norm over all axes but the last: (y, batch mean,
+  batch variance), in float32 (at least). The values are flax's
+  (`nn.BatchNorm`: statistics in float32, variance E[x^2] - E[x]^2 clipped
+  at 0, y = (x - mean) * rsqrt(var + eps) * scale + bias); the gradient is
+  the same function's, written out so that XLA computes it in fewer passes
+  over the activations (`BatchNorm`)."""
+  return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+class BatchNorm(nn.BatchNorm):
+  """flax's `nn.BatchNorm` over the last axis, with the same variables
+  (params scale, bias; batch_stats mean, var), the same values in training
+  and evaluation, and the same moving averages, whose training-mode
+  gradient is written out (`batch_norm_train`) rather than derived by JAX.
+
+  JAX's derivative of flax's batch norm keeps x - mean from the forward pass
+  and reduces the incoming gradient three times; written out, the backward
+  pass is two sums (of g and of g * x, which XLA computes side by side) and
+  one elementwise map, dx = mul * g + slope * x + shift per channel. Batch
+  norm with ReLU, forward and backward at batch 128 (alternating, 2-core
+  AMD EPYC (AVX2), tcmalloc): 32x32x16 3.4 against 5.6 ms, 16x16x32 1.2
+  against 2.0, 8x8x64 0.68 against 0.81; ResNet-20's step 405 against 422
+  ms (medians of 7 alternating rounds). Summing g * (x - mean) instead
+  made XLA keep x - mean again (4.7 ms at 32x32x16). The forward pass and
+  the moving averages are flax's to the bit; the gradients agree to a few
+  float32 ulps of the largest entry (tests/test_layers.py), except that
+  sum(g * x) - mean * sum(g), like flax's fast variance in the forward
+  pass, loses digits in channels whose |mean| is many times their std.
+
+  Only what cnn_lab uses is supported: features on the last axis, no
+  `axis_name` (single device), no `mask`, flax's fast variance, scale and
+  bias on, statistics in float32.
+  """
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask=None):
+    if (self.axis not in (-1, x.ndim - 1) or self.axis_name is not None
+        or mask is not None or not self.use_fast_variance
+        or not (self.use_scale and self.use_bias)
+        or not self.force_float32_reductions):
+      raise NotImplementedError(
+          'cnn_lab.layers.BatchNorm supports the last axis, one device, no '
+          'mask, fast variance, scale and bias and float32 statistics only')
+    use_running_average = nn.merge_param(
+        'use_running_average', self.use_running_average, use_running_average)
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean',
+                            lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable('batch_stats', 'var',
+                           lambda s: jnp.ones(s, jnp.float32), features)
+    scale = self.param('scale', self.scale_init, features, self.param_dtype)
+    bias = self.param('bias', self.bias_init, features, self.param_dtype)
+    out_dtype = self.dtype or jnp.result_type(x, scale, bias)
+    if use_running_average:
+      mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return ((x - ra_mean.value) * mul + bias).astype(out_dtype)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      ra_mean.value = (self.momentum * ra_mean.value
+                       + (1 - self.momentum) * mean)
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y.astype(out_dtype)
+
+
 def make_norm(norm: str, train: bool, name: str, epsilon: float = 1e-5,
               dtype: Any = jnp.float32) -> Callable[[Array], Array]:
   """Batch norm over (N, H, W) per channel, with a learnable scale and shift;
   batch statistics in training, moving averages in evaluation. Whatever
-  `dtype` (that of its output), flax computes the batch mean and variance in
-  float32, and keeps scale, shift and moving averages in float32."""
+  `dtype` (that of its output), the batch mean and variance are computed in
+  float32, and scale, shift and moving averages are kept in float32
+  (`BatchNorm`: flax's, with its training-mode gradient written out)."""
   if norm == 'batch':
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                        epsilon=epsilon, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+    return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                     epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
+                     name=name)
   return lambda x: x
 
 

@@ -5,6 +5,7 @@ import platform
 import sys
 from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -551,3 +552,92 @@ def test_local_response_norm_by_hand():
     (64, 1.0, 64), (64, 0.25, 16), (6, 0.1, 1), (16, 0.125, 2), (10, 1.5, 15)])
 def test_scale_width(channels, width, expected):
   assert layers.scale_width(channels, width) == expected
+
+
+def _bn_case(shape, dtype):
+  """Inputs with a large mean, one constant channel (variance 0, clipped
+  at 0 in flax), and parameters and moving averages away from their
+  initial values."""
+  c = shape[-1]
+  x = jax.random.normal(jax.random.key(0), shape) * 2 + 3
+  x = x.at[..., 0].set(1.5).astype(dtype)
+  g = jax.random.normal(jax.random.key(1), shape).astype(jnp.float32)
+  variables = {'params': {'scale': jnp.linspace(0.5, 1.5, c),
+                          'bias': jnp.linspace(-1.0, 1.0, c)},
+               'batch_stats': {'mean': jnp.full((c,), 0.3),
+                               'var': jnp.full((c,), 2.0)}}
+  return x, g, variables
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('shape', [(6, 5, 4, 3), (7, 5)])
+def test_batch_norm_matches_flax(shape, dtype):
+  x, g, variables = _bn_case(shape, dtype)
+  settings = dict(momentum=0.9, epsilon=1e-5, dtype=dtype,
+                  param_dtype=jnp.float32)
+
+  def train_grads(module):
+    def loss(params, x):
+      y, new = module.apply({**variables, 'params': params}, x,
+                            mutable=['batch_stats'])
+      return jnp.sum(jax.nn.relu(y).astype(jnp.float32) * g), (y, new)
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(
+        variables['params'], x)
+
+  ours = layers.BatchNorm(use_running_average=False, **settings)
+  theirs = nn.BatchNorm(use_running_average=False, **settings)
+  assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(2), x)) ==
+          jax.tree.map(jnp.shape, theirs.init(jax.random.key(2), x)))
+  (d_params, dx), (y, new) = train_grads(ours)
+  (ref_params, ref_dx), (ref_y, ref_new) = train_grads(theirs)
+  # The forward pass and the moving averages are flax's, to the bit.
+  assert y.dtype == ref_y.dtype == dtype and dx.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(ref_y, np.float32))
+  jax.tree.map(np.testing.assert_array_equal, new, ref_new)
+  evaluated = [m.clone(use_running_average=True).apply(variables, x)
+               for m in (ours, theirs)]
+  np.testing.assert_array_equal(np.asarray(evaluated[0], np.float32),
+                                np.asarray(evaluated[1], np.float32))
+  # The gradients agree to rounding: a float32 ulp or two of the largest
+  # entry, one bfloat16 ulp for dx in bfloat16.
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for a, b in [(dx, ref_dx), *zip(jax.tree.leaves(d_params),
+                                  jax.tree.leaves(ref_params))]:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(b)), (a, b)
+
+
+def test_batch_norm_train_gradient_of_all_three_outputs():
+  """Through y, the batch mean and the batch variance (which the moving
+  averages use): against JAX's derivative of the same formula. (No
+  constant channel here: the written-out backward pass sums g * x - mean *
+  g, which, like the fast variance, loses digits where |mean| >> std.)"""
+  x, g, variables = _bn_case((4, 3, 3, 4), jnp.float32)
+  x = x.at[..., 0].set(x[..., 1] - 2.0)
+  scale, bias = variables['params']['scale'], variables['params']['bias']
+  a, b = jnp.linspace(-2.0, 2.0, 4), jnp.linspace(1.0, 3.0, 4)
+
+  def by_jax(x, scale, bias):
+    mean = jnp.mean(x, (0, 1, 2))
+    var = jnp.maximum(0.0, jnp.mean(x * x, (0, 1, 2)) - mean * mean)
+    y = (x - mean) * lax.rsqrt(var + 1e-5) * scale + bias
+    return y, mean, var
+
+  def loss(fn):
+    def f(x, scale, bias):
+      y, mean, var = fn(x, scale, bias)
+      return jnp.sum(jnp.tanh(y) * g) + jnp.sum(mean * a + var * b)
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, scale, bias)
+
+  ours = loss(lambda *args: layers.batch_norm_train(*args, 1e-5))
+  for got, want in zip(ours, loss(by_jax)):
+    np.testing.assert_allclose(got, want, rtol=1e-5,
+                               atol=1e-6 * float(jnp.max(jnp.abs(want))))
+
+
+def test_batch_norm_refuses_what_it_does_not_implement():
+  x = jnp.ones((2, 3))
+  with pytest.raises(NotImplementedError, match='last axis'):
+    layers.BatchNorm(use_running_average=False, axis=0).init(
+        jax.random.key(0), x)

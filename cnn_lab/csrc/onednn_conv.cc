@@ -1,20 +1,34 @@
 // oneDNN's CPU convolutions (NHWC activations, HWIO kernels, float32) as
 // XLA FFI handlers: the forward pass, the input gradient and the kernel
 // gradient of one 2-D convolution (strides, explicit padding). Built and
-// registered by cnn_lab/onednn.py. One set of oneDNN primitives per shape,
-// created on first use and kept: oneDNN chooses the kernel (and the
-// kernel's weight layout, reordered to and from HWIO) for the machine.
+// registered by cnn_lab/onednn.py.
+//
+// Threads: each call splits its batch into as many parts as XLA's
+// intra-op thread pool has threads and runs the parts on that pool (the
+// calling thread takes parts too), each part a oneDNN primitive on one
+// thread. oneDNN's own OpenMP threads would compete for the cores with
+// XLA's. Kernel gradients of the parts are summed.
+//
+// One set of oneDNN primitives per part shape, created on first use and
+// kept: oneDNN chooses the kernel (and the kernel's weight layout,
+// reordered to and from HWIO) for the machine.
 #include <array>
-#include <exception>
-#include <string>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <tuple>
+#include <string>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+
+// Intel's OpenMP runtime, which this oneDNN build runs on.
+extern "C" void omp_set_num_threads(int);
+extern "C" int omp_get_max_threads();
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -41,6 +55,19 @@ struct Plans {
   memory::desc x_md, w_md, y_md;  // User layouts.
 };
 
+// oneDNN plans a primitive for the number of threads it may use when the
+// primitive is created, and runs it on that many: one, on the thread that
+// calls it.
+// (The setting is per thread; it is restored, since the thread is XLA's.)
+class OneThread {
+ public:
+  OneThread() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(saved_); }
+
+ private:
+  int saved_;
+};
+
 Plans& GetPlans(const Key& k) {
   static std::mutex mu;
   static std::map<Key, std::unique_ptr<Plans>> cache;
@@ -55,9 +82,8 @@ Plans& GetPlans(const Key& k) {
   memory::desc w_any({o, c, kh, kw}, dt::f32, tag::any);
   memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
   auto& eng = Engine();
-  // Each call brings its own scratch memory: XLA may run two calls of the
-  // same primitive at once (two layers of one shape), and the library's
-  // own scratchpad would be shared between them.
+  // Each part brings its own scratch memory: the parts of one call, and
+  // two calls of one shape, run at the same time.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   p->fwd_pd = dnnl::convolution_forward::primitive_desc(
@@ -78,75 +104,172 @@ Plans& GetPlans(const Key& k) {
   return ref;
 }
 
-Key MakeKey(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
-            ffi::Span<const int64_t> yd, int64_t sh, int64_t sw, int64_t pt,
-            int64_t pb, int64_t pl, int64_t pr) {
+// The shape of one convolution call and how its batch is split.
+struct Call {
+  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
+  int64_t parts;
+
+  int64_t Start(int64_t i) const { return n * i / parts; }
+  Plans& PartPlans(int64_t i) const {
+    return GetPlans({Start(i + 1) - Start(i), h, w, c, kh, kw, o, oh, ow,
+                     sh, sw, pt, pb, pl, pr});
+  }
+  int64_t XOffset(int64_t i) const { return Start(i) * h * w * c; }
+  int64_t YOffset(int64_t i) const { return Start(i) * oh * ow * o; }
+};
+
+Call MakeCall(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+              ffi::Span<const int64_t> yd, int64_t sh, int64_t sw,
+              int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+              int64_t threads) {
+  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(xd[0], threads));
   return {xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2],
-          sh, sw, pt, pb, pl, pr};
+          sh, sw, pt, pb, pl, pr, parts};
 }
 
-// Weights in the primitive's layout: the user's HWIO buffer, or a reordered
+// Runs part(0) ... part(parts - 1) on the pool and the calling thread.
+// Each thread claims the next part until none is left; the caller then
+// waits only for parts that other threads have started, so a busy pool
+// never blocks it. The state is shared with tasks that may start after
+// the call returned: they find nothing left and touch only that state.
+// An exception in a part is rethrown here.
+template <typename F>
+void RunParts(ffi::ThreadPool& pool, int64_t parts, const F& part) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t finished = 0;
+    std::exception_ptr error;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, parts, &part] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < parts;) {
+      std::exception_ptr error;
+      try {
+        part(i);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (error && !state->error) state->error = error;
+      if (++state->finished == parts) state->cv.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < parts; ++t) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->finished == parts; });
+  if (state->error) std::rethrow_exception(state->error);
+}
+
+// Weights in the layout `want`: the user's HWIO buffer, or a reordered
 // copy.
 memory Weights(const memory::desc& want, const memory::desc& user_md,
-               void* data, dnnl::stream& s) {
+               void* data) {
   memory user(user_md, Engine(), data);
   if (want == user_md) return user;
   memory mine(want, Engine());
+  dnnl::stream s(Engine());
   dnnl::reorder(user, mine).execute(s, user, mine);
+  s.wait();
   return mine;
 }
 
-ffi::Error ConvFwdUnsafe(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
-                   int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  Plans& p = GetPlans(MakeKey(x.dimensions(), w.dimensions(),
-                              y->dimensions(), sh, sw, pt, pb, pl, pr));
-  dnnl::stream s(Engine());
-  memory xm(p.x_md, Engine(), x.typed_data());
-  memory ym(p.y_md, Engine(), y->typed_data());
-  memory wm = Weights(p.fwd_pd.weights_desc(), p.w_md, w.typed_data(), s);
-  memory scratch(p.fwd_pd.scratchpad_desc(), Engine());
-  p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm},
-                    {DNNL_ARG_DST, ym}, {DNNL_ARG_SCRATCHPAD, scratch}});
-  s.wait();
+ffi::Error ConvFwdUnsafe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                         int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                         int64_t pr) {
+  OneThread one;
+  Call call = MakeCall(x.dimensions(), w.dimensions(), y->dimensions(), sh,
+                       sw, pt, pb, pl, pr, pool.num_threads());
+  Plans& first = call.PartPlans(0);
+  memory wm = Weights(first.fwd_pd.weights_desc(), first.w_md,
+                      w.typed_data());
+  RunParts(pool, call.parts, [&](int64_t i) {
+    OneThread one;
+    Plans& p = call.PartPlans(i);
+    memory wi = p.fwd_pd.weights_desc() == wm.get_desc()
+                    ? wm
+                    : Weights(p.fwd_pd.weights_desc(), p.w_md,
+                              w.typed_data());
+    dnnl::stream s(Engine());
+    memory xm(p.x_md, Engine(), x.typed_data() + call.XOffset(i));
+    memory ym(p.y_md, Engine(), y->typed_data() + call.YOffset(i));
+    memory scratch(p.fwd_pd.scratchpad_desc(), Engine());
+    p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wi},
+                      {DNNL_ARG_DST, ym}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    s.wait();
+  });
   return ffi::Error::Success();
 }
 
-ffi::Error ConvBwdDataUnsafe(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
-                       int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  Plans& p = GetPlans(MakeKey(dx->dimensions(), w.dimensions(),
-                              dy.dimensions(), sh, sw, pt, pb, pl, pr));
-  dnnl::stream s(Engine());
-  memory dym(p.y_md, Engine(), dy.typed_data());
-  memory dxm(p.x_md, Engine(), dx->typed_data());
-  memory wm = Weights(p.bwd_data_pd.weights_desc(), p.w_md, w.typed_data(), s);
-  memory scratch(p.bwd_data_pd.scratchpad_desc(), Engine());
-  p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm},
-                         {DNNL_ARG_DIFF_SRC, dxm},
-                         {DNNL_ARG_SCRATCHPAD, scratch}});
-  s.wait();
+ffi::Error ConvBwdDataUnsafe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                             ffi::Buffer<ffi::F32> w,
+                             ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
+                             int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                             int64_t pr) {
+  OneThread one;
+  Call call = MakeCall(dx->dimensions(), w.dimensions(), dy.dimensions(),
+                       sh, sw, pt, pb, pl, pr, pool.num_threads());
+  Plans& first = call.PartPlans(0);
+  memory wm = Weights(first.bwd_data_pd.weights_desc(), first.w_md,
+                      w.typed_data());
+  RunParts(pool, call.parts, [&](int64_t i) {
+    OneThread one;
+    Plans& p = call.PartPlans(i);
+    memory wi = p.bwd_data_pd.weights_desc() == wm.get_desc()
+                    ? wm
+                    : Weights(p.bwd_data_pd.weights_desc(), p.w_md,
+                              w.typed_data());
+    dnnl::stream s(Engine());
+    memory dym(p.y_md, Engine(), dy.typed_data() + call.YOffset(i));
+    memory dxm(p.x_md, Engine(), dx->typed_data() + call.XOffset(i));
+    memory scratch(p.bwd_data_pd.scratchpad_desc(), Engine());
+    p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wi},
+                           {DNNL_ARG_DIFF_SRC, dxm},
+                           {DNNL_ARG_SCRATCHPAD, scratch}});
+    s.wait();
+  });
   return ffi::Error::Success();
 }
 
-ffi::Error ConvBwdWeightsUnsafe(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                          ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
-                          int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                          int64_t pr) {
-  Plans& p = GetPlans(MakeKey(x.dimensions(), dw->dimensions(),
-                              dy.dimensions(), sh, sw, pt, pb, pl, pr));
-  dnnl::stream s(Engine());
-  memory xm(p.x_md, Engine(), x.typed_data());
-  memory dym(p.y_md, Engine(), dy.typed_data());
-  memory user(p.w_md, Engine(), dw->typed_data());
-  const memory::desc& want = p.bwd_w_pd.diff_weights_desc();
-  memory dwm = want == p.w_md ? user : memory(want, Engine());
-  memory scratch(p.bwd_w_pd.scratchpad_desc(), Engine());
-  p.bwd_w.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
-                      {DNNL_ARG_DIFF_WEIGHTS, dwm},
-                      {DNNL_ARG_SCRATCHPAD, scratch}});
-  if (!(want == p.w_md)) dnnl::reorder(dwm, user).execute(s, dwm, user);
-  s.wait();
+ffi::Error ConvBwdWeightsUnsafe(ffi::ThreadPool pool,
+                                ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> dy,
+                                ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
+                                int64_t sw, int64_t pt, int64_t pb,
+                                int64_t pl, int64_t pr) {
+  OneThread one;
+  Call call = MakeCall(x.dimensions(), dw->dimensions(), dy.dimensions(),
+                       sh, sw, pt, pb, pl, pr, pool.num_threads());
+  const int64_t size = call.kh * call.kw * call.c * call.o;
+  // Part 0 writes HWIO into the result, the others into their own
+  // buffers, summed into it at the end.
+  std::vector<float> partial((call.parts - 1) * size);
+  RunParts(pool, call.parts, [&](int64_t i) {
+    OneThread one;
+    Plans& p = call.PartPlans(i);
+    float* out = i == 0 ? dw->typed_data() : partial.data() + (i - 1) * size;
+    dnnl::stream s(Engine());
+    memory xm(p.x_md, Engine(), x.typed_data() + call.XOffset(i));
+    memory dym(p.y_md, Engine(), dy.typed_data() + call.YOffset(i));
+    memory user(p.w_md, Engine(), out);
+    const memory::desc& want = p.bwd_w_pd.diff_weights_desc();
+    memory dwm = want == p.w_md ? user : memory(want, Engine());
+    memory scratch(p.bwd_w_pd.scratchpad_desc(), Engine());
+    p.bwd_w.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
+                        {DNNL_ARG_DIFF_WEIGHTS, dwm},
+                        {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (!(want == p.w_md)) dnnl::reorder(dwm, user).execute(s, dwm, user);
+    s.wait();
+  });
+  float* total = dw->typed_data();
+  for (int64_t i = 1; i < call.parts; ++i) {
+    const float* part = partial.data() + (i - 1) * size;
+    for (int64_t j = 0; j < size; ++j) total[j] += part[j];
+  }
   return ffi::Error::Success();
 }
 
@@ -165,12 +288,13 @@ ffi::Error Guarded(F f) {
   }
 }
 
-#define GUARDED(NAME)                                                      \
-  ffi::Error NAME(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,         \
-                  ffi::ResultBuffer<ffi::F32> r, int64_t sh, int64_t sw,    \
-                  int64_t pt, int64_t pb, int64_t pl, int64_t pr) {         \
-    return Guarded(                                                        \
-        [&] { return NAME##Unsafe(a, b, r, sh, sw, pt, pb, pl, pr); });    \
+#define GUARDED(NAME)                                                       \
+  ffi::Error NAME(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,            \
+                  ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> r,   \
+                  int64_t sh, int64_t sw, int64_t pt, int64_t pb,           \
+                  int64_t pl, int64_t pr) {                                 \
+    return Guarded(                                                         \
+        [&] { return NAME##Unsafe(pool, a, b, r, sh, sw, pt, pb, pl, pr); }); \
   }
 GUARDED(ConvFwd)
 GUARDED(ConvBwdData)
@@ -178,23 +302,20 @@ GUARDED(ConvBwdWeights)
 
 }  // namespace
 
-#define CONV_ATTRS                                                      \
-  .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt")          \
-      .Attr<int64_t>("pb").Attr<int64_t>("pl").Attr<int64_t>("pr")
+#define CONV_BINDING                                                    \
+  ffi::Ffi::Bind()                                                      \
+      .Ctx<ffi::ThreadPool>()                                           \
+      .Arg<ffi::Buffer<ffi::F32>>()                                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                                     \
+      .Ret<ffi::Buffer<ffi::F32>>()                                     \
+      .Attr<int64_t>("sh")                                              \
+      .Attr<int64_t>("sw")                                              \
+      .Attr<int64_t>("pt")                                              \
+      .Attr<int64_t>("pb")                                              \
+      .Attr<int64_t>("pl")                                              \
+      .Attr<int64_t>("pr")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvFwd, ConvFwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdData, ConvBwdData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvFwd, ConvFwd, CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdData, ConvBwdData, CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdWeights, ConvBwdWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
-
+                              CONV_BINDING);
