@@ -12,9 +12,9 @@ import os
 import sys
 
 if __name__ == '__main__':
-  # Before JAX starts: malloc on huge pages (cnn_lab/hugepages.py).
-  from cnn_lab.hugepages import reexec_with_huge_pages
-  reexec_with_huge_pages()
+  # Before JAX starts: tcmalloc, or malloc on huge pages (cnn_lab/malloc.py).
+  from cnn_lab.malloc import reexec_with_fast_malloc
+  reexec_with_fast_malloc()
 
 # Quiet TensorFlow's C++ start-up chatter (it is only used by TFDS/TensorBoard).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up for a fresh Debian machine with Python 3.11:
 #  1. Debian's dataset-fashion-mnist package (the offline default dataset),
-#     chromium (the report test renders HTML in headless Chromium) and g++
-#     (to build the oneDNN convolution handlers);
+#     chromium (the report test renders HTML in headless Chromium), g++
+#     (to build the oneDNN convolution handlers) and libtcmalloc-minimal4
+#     (the allocator the entry points run on, cnn_lab/malloc.py);
 #  2. a virtualenv in .venv with cnn_lab, its pinned dependencies and the
 #     test extra (pytest; torch==2.13.0, CPU build, for the benchmark);
 #  3. cnn_lab's oneDNN convolutions compiled (cnn_lab/onednn.py);
@@ -14,7 +15,7 @@ cd "$(dirname "$0")"
 # Debian packages: the offline dataset, and Chromium for the test that
 # renders the HTML report headless. One apt-get run, only for what is missing.
 missing=''
-for pkg in dataset-fashion-mnist chromium g++; do
+for pkg in dataset-fashion-mnist chromium g++ libtcmalloc-minimal4; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null \
       | grep -q 'install ok installed'; then
     missing="$missing $pkg"

@@ -20,9 +20,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 if __name__ == '__main__':
-  # Before JAX starts: malloc on huge pages, as launch.py runs.
-  from cnn_lab.hugepages import reexec_with_huge_pages  # noqa: E402
-  reexec_with_huge_pages()
+  # Before JAX starts: the allocator launch.py runs on (cnn_lab/malloc.py).
+  from cnn_lab.malloc import reexec_with_fast_malloc  # noqa: E402
+  reexec_with_fast_malloc()
 
 from configs import vgg16_bn, vgg16_nobn  # noqa: E402
 from cnn_lab import plots, report  # noqa: E402

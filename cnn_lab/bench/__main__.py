@@ -30,14 +30,14 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 if __name__ == '__main__':
-  # Before JAX starts: malloc on huge pages, as launch.py runs.
-  from cnn_lab.hugepages import reexec_with_huge_pages
-  reexec_with_huge_pages()
+  # Before JAX starts: the allocator launch.py runs on (cnn_lab/malloc.py).
+  from cnn_lab.malloc import reexec_with_fast_malloc
+  reexec_with_fast_malloc()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from cnn_lab import layers, onednn  # noqa: E402
+from cnn_lab import layers, malloc, onednn  # noqa: E402
 from cnn_lab.bench import suite  # noqa: E402
 from cnn_lab.errors import ArgumentParser  # noqa: E402
 
@@ -170,6 +170,7 @@ def format_markdown(header: dict, results: list[dict]) -> str:
          else '')
       + (f'; convolutions: {header["convolutions"]}'
          if header.get('convolutions') else '')
+      + (f'; malloc: {header["malloc"]}' if header.get('malloc') else '')
       + f'; {header["dtype"]}; {header["matmul"]} matmul peak '
       f'{header["matmul_peak_gflops"]:.0f} GFLOP/s; {header["date"]}.', '',
       '| model | input, batch | params | train GFLOP/img | compile s '
@@ -229,6 +230,8 @@ def main(argv=None) -> int:
       # As cnn_lab set them on import (cnn_lab/xla_flags.py) or the user.
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'convolutions': _convolutions(args),
+      # Both frameworks' (one process): cnn_lab/malloc.py.
+      'malloc': malloc.describe(),
   }
   if args.vs_torch:
     import torch  # pylint: disable=import-outside-toplevel
