@@ -721,12 +721,12 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon):
   inv = lax.rsqrt(var + epsilon)
   mul = inv * scale
   y = (xf - mean) * mul + bias
-  return (y, mean, var), (x, mean, raw_var, inv, mul)
+  return (y, mean, var), (x, mean, raw_var, inv, mul, scale, bias)
 
 
 def _batch_norm_train_bwd(epsilon, residuals, cotangents):
   del epsilon  # In `inv`.
-  x, mean, raw_var, inv, mul = residuals
+  x, mean, raw_var, inv, mul, scale, bias = residuals
   g, d_mean, d_var = cotangents
   f32 = jnp.promote_types(x.dtype, jnp.float32)
   xf, g = x.astype(f32), g.astype(f32)
@@ -743,7 +743,8 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
   # d var / d x = 2 (x - mean) / count, d mean / d x = 1 / count.
   slope = 2.0 * d_var / count
   dx = mul * g + slope * xf + (d_mean / count - slope * mean)
-  return dx.astype(x.dtype), sum_gxc * inv, sum_g
+  return (dx.astype(x.dtype), (sum_gxc * inv).astype(scale.dtype),
+          sum_g.astype(bias.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

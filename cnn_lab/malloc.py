@@ -26,8 +26,8 @@ Both take effect when a process starts, so `reexec_with_fast_malloc` runs
 the command again, at once, with LD_PRELOAD (or the tunable) set. The
 environment variable CNN_LAB_MALLOC chooses: 'auto' (the default: tcmalloc
 where found, else huge pages), 'tcmalloc', 'hugepages', or 'system'
-(neither). It does nothing where LD_PRELOAD already names tcmalloc or
-GLIBC_TUNABLES already sets the tunable (to 0, say, to opt out of it).
+(neither). 'auto' does nothing where LD_PRELOAD already names an allocator
+or GLIBC_TUNABLES already sets the tunable (to 0, say, to opt out of it).
 """
 
 import ctypes.util
@@ -48,6 +48,7 @@ THP_SETTING = '/sys/kernel/mm/transparent_hugepage/enabled'
 # tcmalloc reports every allocation above this size on stderr (default
 # 1 GiB, which ResNet-50's steps reach).
 REPORT_THRESHOLD = 'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD'
+RELEASE_RATE = 'TCMALLOC_RELEASE_RATE'
 
 
 class MallocChoiceError(ValueError):
@@ -89,30 +90,42 @@ def tuned_environ(environ: Mapping[str, str], libc: tuple[str, str],
 
   libc: `platform.libc_ver()`, e.g. ('glibc', '2.36'); thp: `thp_mode()`;
   tcmalloc: `find_tcmalloc()`. Raises MallocChoiceError for a CNN_LAB_MALLOC
-  that names no choice, or 'tcmalloc' where it is not installed.
+  that names no choice, or one this machine cannot make. 'auto' leaves
+  alone an LD_PRELOAD that names an allocator (*malloc*) and a
+  GLIBC_TUNABLES that sets the huge-page tunable (to 0, say).
   """
   choice = environ.get(CHOICE, 'auto')
   if choice not in CHOICES:
     raise MallocChoiceError(
         f'{CHOICE}={choice!r}: expected one of {", ".join(CHOICES)}')
-  if (MARKER in environ or choice == 'system'
-      or TUNABLE + '=' in environ.get('GLIBC_TUNABLES', '')):
+  if MARKER in environ or choice == 'system':
     return None
-  if choice == 'tcmalloc' and not tcmalloc:
-    raise MallocChoiceError(
-        f'{CHOICE}=tcmalloc, but lib{TCMALLOC} is not installed (Debian: '
-        'apt-get install libtcmalloc-minimal4)')
   preload = environ.get('LD_PRELOAD', '')
-  if 'tcmalloc' in preload:
-    return None
+  tunables = environ.get('GLIBC_TUNABLES', '')
+  if choice == 'auto' and ('malloc' in preload or TUNABLE + '=' in tunables):
+    return None  # The user chose an allocator, or glibc's huge pages.
   env = dict(environ)
-  if choice in ('auto', 'tcmalloc') and tcmalloc:
+  if choice == 'tcmalloc' or (choice == 'auto' and tcmalloc):
+    if not tcmalloc:
+      raise MallocChoiceError(
+          f'{CHOICE}=tcmalloc, but lib{TCMALLOC} is not installed (Debian: '
+          'apt-get install libtcmalloc-minimal4)')
+    if 'tcmalloc' in preload:
+      return None
     env['LD_PRELOAD'] = f'{tcmalloc} {preload}'.strip()
     env.setdefault(REPORT_THRESHOLD, str(1 << 40))
-  elif choice in ('auto', 'hugepages') and _huge_pages_ok(libc, thp):
-    current = environ.get('GLIBC_TUNABLES', '')
-    env['GLIBC_TUNABLES'] = f'{current}:{TUNABLE}=1' if current else (
+    # Keep freed memory for good (by default tcmalloc returns some of it
+    # to the kernel, a little at a time).
+    env.setdefault(RELEASE_RATE, '0')
+  elif _huge_pages_ok(libc, thp):
+    if TUNABLE + '=' in tunables:
+      return None
+    env['GLIBC_TUNABLES'] = f'{tunables}:{TUNABLE}=1' if tunables else (
         f'{TUNABLE}=1')
+  elif choice == 'hugepages':
+    raise MallocChoiceError(
+        f'{CHOICE}=hugepages needs glibc 2.35 or later and transparent huge '
+        f'pages in madvise or always mode (here: {" ".join(libc)}, {thp})')
   else:
     return None
   env[MARKER] = '1'

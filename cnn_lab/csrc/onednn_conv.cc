@@ -104,6 +104,11 @@ Plans& GetPlans(const Key& k) {
   return ref;
 }
 
+// Kernel gradients split the batch into at most this many parts: each
+// part but the first needs a buffer the size of the kernel, summed at the
+// end.
+constexpr int64_t kMaxWeightParts = 8;
+
 // The shape of one convolution call and how its batch is split.
 struct Call {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
@@ -156,7 +161,13 @@ void RunParts(ffi::ThreadPool& pool, int64_t parts, const F& part) {
       if (++state->finished == parts) state->cv.notify_all();
     }
   };
-  for (int64_t t = 1; t < parts; ++t) pool.Schedule([work] { work(); });
+  for (int64_t t = 1; t < parts; ++t) {
+    try {
+      pool.Schedule([work] { work(); });
+    } catch (...) {  // No memory for a task: this thread runs its part.
+      break;
+    }
+  }
   work();
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->finished == parts; });
@@ -246,12 +257,13 @@ ffi::Error ConvBwdWeightsUnsafe(ffi::ThreadPool pool,
                        sh, sw, pt, pb, pl, pr, pool.num_threads());
   const int64_t size = call.kh * call.kw * call.c * call.o;
   // Part 0 writes HWIO into the result, the others into their own
-  // buffers, summed into it at the end.
-  std::vector<float> partial((call.parts - 1) * size);
+  // buffers, summed into it at the end (at most kMaxWeightParts of them).
+  call.parts = std::min(call.parts, kMaxWeightParts);
+  std::unique_ptr<float[]> partial(new float[(call.parts - 1) * size]);
   RunParts(pool, call.parts, [&](int64_t i) {
     OneThread one;
     Plans& p = call.PartPlans(i);
-    float* out = i == 0 ? dw->typed_data() : partial.data() + (i - 1) * size;
+    float* out = i == 0 ? dw->typed_data() : partial.get() + (i - 1) * size;
     dnnl::stream s(Engine());
     memory xm(p.x_md, Engine(), x.typed_data() + call.XOffset(i));
     memory dym(p.y_md, Engine(), dy.typed_data() + call.YOffset(i));
@@ -267,7 +279,7 @@ ffi::Error ConvBwdWeightsUnsafe(ffi::ThreadPool pool,
   });
   float* total = dw->typed_data();
   for (int64_t i = 1; i < call.parts; ++i) {
-    const float* part = partial.data() + (i - 1) * size;
+    const float* part = partial.get() + (i - 1) * size;
     for (int64_t j = 0; j < size; ++j) total[j] += part[j];
   }
   return ffi::Error::Success();
