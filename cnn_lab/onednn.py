@@ -80,8 +80,8 @@ def build() -> pathlib.Path:
                                    delete=False) as tmp:
     pass
   cmd = [compiler, str(SOURCE), *FLAGS, f'-I{include}',
-         f'-I{jax.ffi.include_dir()}', f'-L{lib_dir}', '-ldnnl', '-liomp5', '-o',
-         tmp.name]
+         f'-I{jax.ffi.include_dir()}', f'-L{lib_dir}', '-ldnnl', '-liomp5',
+         '-o', tmp.name]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   except OSError as e:
