@@ -21,7 +21,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -187,6 +186,38 @@ memory Weights(const memory::desc& want, const memory::desc& user_md,
   return mine;
 }
 
+// The forward pass (x -> y) and the input gradient (dy -> dx): one
+// activation in, one out, with the weights reordered once per call.
+void WithWeights(ffi::ThreadPool& pool, const Call& call, bool forward,
+                 float* w, float* in, float* out) {
+  auto pd = [forward](Plans& p) -> const dnnl::primitive_desc& {
+    if (forward) return p.fwd_pd;
+    return p.bwd_data_pd;
+  };
+  Plans& first = call.PartPlans(0);
+  memory wm = Weights(pd(first).weights_desc(), first.w_md, w);
+  RunParts(pool, call.parts, [&](int64_t i) {
+    OneThread one;
+    Plans& p = call.PartPlans(i);
+    memory wi = pd(p).weights_desc() == wm.get_desc()
+                    ? wm
+                    : Weights(pd(p).weights_desc(), p.w_md, w);
+    dnnl::stream s(Engine());
+    memory xm(p.x_md, Engine(), (forward ? in : out) + call.XOffset(i));
+    memory ym(p.y_md, Engine(), (forward ? out : in) + call.YOffset(i));
+    memory scratch(pd(p).scratchpad_desc(), Engine());
+    if (forward) {
+      p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wi},
+                        {DNNL_ARG_DST, ym}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else {
+      p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, ym}, {DNNL_ARG_WEIGHTS, wi},
+                             {DNNL_ARG_DIFF_SRC, xm},
+                             {DNNL_ARG_SCRATCHPAD, scratch}});
+    }
+    s.wait();
+  });
+}
+
 ffi::Error ConvFwdUnsafe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> w,
                          ffi::ResultBuffer<ffi::F32> y, int64_t sh,
@@ -195,24 +226,8 @@ ffi::Error ConvFwdUnsafe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   OneThread one;
   Call call = MakeCall(x.dimensions(), w.dimensions(), y->dimensions(), sh,
                        sw, pt, pb, pl, pr, pool.num_threads());
-  Plans& first = call.PartPlans(0);
-  memory wm = Weights(first.fwd_pd.weights_desc(), first.w_md,
-                      w.typed_data());
-  RunParts(pool, call.parts, [&](int64_t i) {
-    OneThread one;
-    Plans& p = call.PartPlans(i);
-    memory wi = p.fwd_pd.weights_desc() == wm.get_desc()
-                    ? wm
-                    : Weights(p.fwd_pd.weights_desc(), p.w_md,
-                              w.typed_data());
-    dnnl::stream s(Engine());
-    memory xm(p.x_md, Engine(), x.typed_data() + call.XOffset(i));
-    memory ym(p.y_md, Engine(), y->typed_data() + call.YOffset(i));
-    memory scratch(p.fwd_pd.scratchpad_desc(), Engine());
-    p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wi},
-                      {DNNL_ARG_DST, ym}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
-  });
+  WithWeights(pool, call, true, w.typed_data(), x.typed_data(),
+              y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -224,25 +239,8 @@ ffi::Error ConvBwdDataUnsafe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   OneThread one;
   Call call = MakeCall(dx->dimensions(), w.dimensions(), dy.dimensions(),
                        sh, sw, pt, pb, pl, pr, pool.num_threads());
-  Plans& first = call.PartPlans(0);
-  memory wm = Weights(first.bwd_data_pd.weights_desc(), first.w_md,
-                      w.typed_data());
-  RunParts(pool, call.parts, [&](int64_t i) {
-    OneThread one;
-    Plans& p = call.PartPlans(i);
-    memory wi = p.bwd_data_pd.weights_desc() == wm.get_desc()
-                    ? wm
-                    : Weights(p.bwd_data_pd.weights_desc(), p.w_md,
-                              w.typed_data());
-    dnnl::stream s(Engine());
-    memory dym(p.y_md, Engine(), dy.typed_data() + call.YOffset(i));
-    memory dxm(p.x_md, Engine(), dx->typed_data() + call.XOffset(i));
-    memory scratch(p.bwd_data_pd.scratchpad_desc(), Engine());
-    p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wi},
-                           {DNNL_ARG_DIFF_SRC, dxm},
-                           {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
-  });
+  WithWeights(pool, call, false, w.typed_data(), dy.typed_data(),
+              dx->typed_data());
   return ffi::Error::Success();
 }
 
