@@ -3,6 +3,7 @@ alternating timer, the files it writes (numbers consistent with each other)
 and its one-line errors."""
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +52,29 @@ def test_time_alternating_reverses_order_and_takes_medians():
   assert 0.01 <= times['a'] < 0.02 and 0.03 <= times['b'] < 0.045
 
 
+def test_time_rounds_gives_one_time_per_round():
+  # Seconds each call of a variant sleeps per step: two warm steps, then
+  # per round an untimed step (0 here) and the timed one (n = 1: every step
+  # is longer than min_seconds).
+  sleeps = {'a': [0.03, 0.03, 0, 0.05, 0, 0.01, 0, 0.02],
+            'b': [0.02, 0.02, 0, 0.04, 0, 0.06, 0, 0.08]}
+  calls = {'a': 0, 'b': 0}
+
+  def runner(label):
+    def run(n):
+      time.sleep(sleeps[label][calls[label]] * n)
+      calls[label] += 1
+    return run
+
+  times = suite.time_rounds({label: runner(label) for label in 'ab'},
+                            rounds=3, min_seconds=0.001)
+  assert calls == {'a': 8, 'b': 8}
+  for label in 'ab':
+    timed = sleeps[label][3::2]
+    assert len(times[label]) == 3
+    assert all(w <= got < w + 0.01 for got, w in zip(times[label], timed))
+
+
 def run_bench(*args):
   return subprocess.run(
       [sys.executable, '-m', 'cnn_lab.bench', *args],
@@ -58,7 +82,7 @@ def run_bench(*args):
 
 
 def test_writes_consistent_table_and_json(tmp_path):
-  args = ['--models=lenet5', '--batch_size=16', '--rounds=1',
+  args = ['--models=lenet5', '--batch_size=16', '--rounds=3',
           '--min_seconds=0.05', '--no-pipeline', f'--out={tmp_path}']
   try:
     import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
@@ -95,7 +119,18 @@ def test_writes_consistent_table_and_json(tmp_path):
     best = min(t['ms_per_step'].values())
     assert t['ms_per_step'][t['format']] == best
     assert r['ratio_vs_torch'] == pytest.approx(best / r['ms_per_step']['off'])
-    assert f'**{r["ratio_vs_torch"]:.2f}**' in row
+    # One ratio per round, of that round's two timings; the medians are
+    # the medians of the rounds.
+    rounds = r['ms_per_round']
+    assert len(r['ratio_per_round']) == len(rounds['cnn_lab']) == 3
+    for i, ratio in enumerate(r['ratio_per_round']):
+      assert ratio == pytest.approx(rounds[f'torch {t["format"]}'][i]
+                                    / rounds['cnn_lab'][i])
+    assert r['ms_per_step']['off'] == pytest.approx(
+        statistics.median(rounds['cnn_lab']))
+    assert (f'**{r["ratio_vs_torch"]:.2f}** '
+            f'({min(r["ratio_per_round"]):.2f}-'
+            f'{max(r["ratio_per_round"]):.2f})') in row
 
 
 @pytest.mark.parametrize('flag, message', [

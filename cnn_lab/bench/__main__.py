@@ -2,7 +2,7 @@ r"""Training-step speed of cnn_lab's models, optionally against PyTorch.
 
   python -m cnn_lab.bench [--vs-torch] [--models=lenet5,resnet20,vgg16_bn,resnet50]
       [--batch_size=128] [--resnet50_batch=16] [--dtype=float32|bfloat16]
-      [--rounds=3] [--min_seconds=1] [--out=runs/bench] [--no-pipeline]
+      [--rounds=5] [--min_seconds=1] [--out=runs/bench] [--no-pipeline]
 
 For each model, the full training step as `launch.py` runs it (the model's
 config: SGD with momentum, weight decay, batch norm in training mode) on a
@@ -13,7 +13,10 @@ per multiply-accumulate of the forward pass) as a fraction of the n x n
 matmul peak measured first. With --vs-torch, PyTorch twins of the models
 (cnn_lab.bench.torch_models, eager, contiguous and channels_last) run in the
 same process, alternating with the Flax steps round by round; the table
-takes the faster PyTorch format, and ratio = cnn_lab img/s / PyTorch img/s.
+takes the faster PyTorch format, and ratio = cnn_lab img/s / PyTorch img/s
+(of the medians over the rounds; in brackets the lowest and highest ratio
+of one round's two timings, which shows how far the machine's speed
+drifted while it ran).
 The input pipeline column is cnn_lab's data pipeline building training
 batches of real Fashion-MNIST at the model's input size (one thread, as in
 training): if it is below the step's img/s, training waits on data.
@@ -26,6 +29,7 @@ import datetime
 import json
 import os
 import pathlib
+import statistics
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -57,7 +61,7 @@ def parse_args(argv):
                       choices=('auto', 'fast', 'xla', 'shifted', 'im2col',
                                'onednn'),
                       help='override the configs\' model.conv_impl')
-  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--min_seconds', type=float, default=1.0,
                       help='length of one timing')
   parser.add_argument('--vs-torch', dest='vs_torch', action='store_true')
@@ -107,8 +111,9 @@ def measure_model(name, args, peak_gflops, log):
   if args.vs_torch:
     torch_runs, torch_params = suite.build_torch(name, batch, args.dtype)
     runs.update({f'torch {fmt}': run for fmt, run in torch_runs.items()})
-  seconds = suite.time_alternating(runs, args.rounds, args.min_seconds,
-                                   lambda line: log(f'{name}: {line}'))
+  per_round = suite.time_rounds(runs, args.rounds, args.min_seconds,
+                                lambda line: log(f'{name}: {line}'))
+  seconds = {label: statistics.median(t) for label, t in per_round.items()}
   # One timed call after a warm one: at 224x224 a probe takes many seconds.
   probe = suite.time_alternating({'probe': case.runs['probe']}, 1,
                                  args.min_seconds / 2)['probe']
@@ -138,6 +143,13 @@ def measure_model(name, args, peak_gflops, log):
         'format': fmt, 'images_per_second': batch / torch_s,
         'gflops': case.flops_per_image * batch / torch_s / 1e9}
     result['ratio_vs_torch'] = torch_s / off
+    # Each round timed both frameworks within seconds of each other: the
+    # spread of their ratio shows how much the machine drifted.
+    result['ratio_per_round'] = [
+        t / f for t, f in zip(per_round[f'torch {fmt}'],
+                              per_round['cnn_lab'])]
+    result['ms_per_round'] = {label: [t * 1e3 for t in times]
+                              for label, times in per_round.items()}
   if jax.default_backend() != 'cpu':
     stats = jax.devices()[0].memory_stats() or {}
     if 'peak_bytes_in_use' in stats:  # Process-wide, so far.
@@ -147,8 +159,8 @@ def measure_model(name, args, peak_gflops, log):
     result['pipeline'] = {'images_per_second': rate, 'source': source}
   log(f'{name}: {result["images_per_second"]:,.0f} img/s'
       + (f', PyTorch {result["torch"]["images_per_second"]:,.0f} img/s '
-         f'({result["torch"]["format"]}), ratio {result["ratio_vs_torch"]:.2f}'
-         if args.vs_torch else ''))
+         f'({result["torch"]["format"]}), ratio '
+         + _ratio(result).replace('*', '') if args.vs_torch else ''))
   return result
 
 
@@ -159,6 +171,15 @@ def _num(x, digits=0):
 def _rate(x):
   """Images per second: whole numbers from 100 up, else 3 digits."""
   return f'{x:,.0f}' if x >= 100 else f'{x:.3g}'
+
+
+def _ratio(result) -> str:
+  """The ratio of medians, and the range of the per-round ratios."""
+  text = f'**{result["ratio_vs_torch"]:.2f}**'
+  rounds = result.get('ratio_per_round') or []
+  if len(rounds) > 1:
+    text += f' ({min(rounds):.2f}-{max(rounds):.2f})'
+  return text
 
 
 def format_markdown(header: dict, results: list[dict]) -> str:
@@ -176,7 +197,7 @@ def format_markdown(header: dict, results: list[dict]) -> str:
       '| model | input, batch | params | train GFLOP/img | compile s '
       '(stats off / on) | peak MiB (XLA est.) | img/s | GFLOP/s (of peak) '
       '| stats on: img/s (cost) | probe ms | PyTorch img/s (format) | ratio '
-      '| input pipeline img/s |',
+      '(per-round range) | input pipeline img/s |',
       '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in results:
     torch = r.get('torch')
@@ -195,7 +216,7 @@ def format_markdown(header: dict, results: list[dict]) -> str:
         f'{r["ms_per_step"]["probe"]:.0f}',
         (f'{_rate(torch["images_per_second"])} ({torch["format"]})'
          if torch else '-'),
-        f'**{r["ratio_vs_torch"]:.2f}**' if torch else '-',
+        _ratio(r) if torch else '-',
         (f'{_rate(pipe["images_per_second"])} ({pipe["source"]})'
          if pipe and pipe['images_per_second'] is not None
          else (pipe['source'] if pipe else '-')),

@@ -65,7 +65,16 @@ def matmul_peak(dtype=jnp.float32, n: int = 2048, seconds: float = 1.0
 
 def time_alternating(runs: dict[str, Callable[[int], None]], rounds: int,
                      min_seconds: float, progress=None) -> dict[str, float]:
-  """Median seconds per step of each `runs[label](n)` (n steps, waited for).
+  """Median seconds per step of each `runs[label](n)` over the rounds of
+  `time_rounds`."""
+  return {label: statistics.median(t) for label, t in
+          time_rounds(runs, rounds, min_seconds, progress).items()}
+
+
+def time_rounds(runs: dict[str, Callable[[int], None]], rounds: int,
+                min_seconds: float, progress=None) -> dict[str, list[float]]:
+  """Seconds per step of each `runs[label](n)` (n steps, waited for), one
+  number per round.
 
   First two warm steps each, the second of which sizes n so that one timing
   lasts about `min_seconds`; then `rounds` rounds in which every variant is
@@ -93,7 +102,7 @@ def time_alternating(runs: dict[str, Callable[[int], None]], rounds: int,
     if progress:
       progress(f'round {r + 1}/{rounds}: ' + ', '.join(
           f'{label} {times[label][-1] * 1e3:.1f} ms' for label in labels))
-  return {label: statistics.median(t) for label, t in times.items()}
+  return times
 
 
 @dataclasses.dataclass
