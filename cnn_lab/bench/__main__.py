@@ -160,7 +160,7 @@ def measure_model(name, args, peak_gflops, log):
   log(f'{name}: {result["images_per_second"]:,.0f} img/s'
       + (f', PyTorch {result["torch"]["images_per_second"]:,.0f} img/s '
          f'({result["torch"]["format"]}), ratio '
-         + _ratio(result).replace('*', '') if args.vs_torch else ''))
+         + _ratio(result, bold=False) if args.vs_torch else ''))
   return result
 
 
@@ -173,9 +173,11 @@ def _rate(x):
   return f'{x:,.0f}' if x >= 100 else f'{x:.3g}'
 
 
-def _ratio(result) -> str:
+def _ratio(result, bold: bool = True) -> str:
   """The ratio of medians, and the range of the per-round ratios."""
-  text = f'**{result["ratio_vs_torch"]:.2f}**'
+  text = f'{result["ratio_vs_torch"]:.2f}'
+  if bold:
+    text = f'**{text}**'
   rounds = result.get('ratio_per_round') or []
   if len(rounds) > 1:
     text += f' ({min(rounds):.2f}-{max(rounds):.2f})'
