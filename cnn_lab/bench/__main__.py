@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import pathlib
-import statistics
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -113,7 +112,7 @@ def measure_model(name, args, peak_gflops, log):
     runs.update({f'torch {fmt}': run for fmt, run in torch_runs.items()})
   per_round = suite.time_rounds(runs, args.rounds, args.min_seconds,
                                 lambda line: log(f'{name}: {line}'))
-  seconds = {label: statistics.median(t) for label, t in per_round.items()}
+  seconds = suite.medians(per_round)
   # One timed call after a warm one: at 224x224 a probe takes many seconds.
   probe = suite.time_alternating({'probe': case.runs['probe']}, 1,
                                  args.min_seconds / 2)['probe']

@@ -67,8 +67,12 @@ def time_alternating(runs: dict[str, Callable[[int], None]], rounds: int,
                      min_seconds: float, progress=None) -> dict[str, float]:
   """Median seconds per step of each `runs[label](n)` over the rounds of
   `time_rounds`."""
-  return {label: statistics.median(t) for label, t in
-          time_rounds(runs, rounds, min_seconds, progress).items()}
+  return medians(time_rounds(runs, rounds, min_seconds, progress))
+
+
+def medians(per_round: dict[str, list[float]]) -> dict[str, float]:
+  """Each variant's median over the rounds of `time_rounds`."""
+  return {label: statistics.median(t) for label, t in per_round.items()}
 
 
 def time_rounds(runs: dict[str, Callable[[int], None]], rounds: int,
