@@ -6,7 +6,7 @@
 #     (the allocator the entry points run on, cnn_lab/malloc.py);
 #  2. a virtualenv in .venv with cnn_lab, its pinned dependencies and the
 #     test extra (pytest; torch==2.13.0, CPU build, for the benchmark);
-#  3. cnn_lab's oneDNN convolutions compiled (cnn_lab/onednn.py);
+#  3. cnn_lab's oneDNN convolutions compiled (cnn_lab/kernels/onednn.py);
 #  4. TFDS's fashion_mnist prepared from Debian's files, checksums verified.
 # Re-running it when all is done takes a few seconds.
 set -euo pipefail
@@ -50,7 +50,7 @@ fi
 # The oneDNN handlers (seconds; skipped once built for this source). Where
 # they cannot be built the layers keep XLA's paths, only slower.
 if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
-  .venv/bin/python -m cnn_lab.onednn \
+  .venv/bin/python -m cnn_lab.kernels \
     || echo '[setup] continuing without oneDNN convolutions (slower on the CPU)'
 fi
 

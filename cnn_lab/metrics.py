@@ -8,11 +8,15 @@ sorts dict keys when it flattens a pytree, so the order cannot be read off
 the parameter dict and is recorded once with a method interceptor.
 """
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from cnn_lab import layers
 
 
 def _owners(params) -> dict[str, tuple[str, ...]]:
@@ -75,7 +79,6 @@ def activation_sites(model: nn.Module, variables,
                      sample_input) -> list[tuple[str, str]]:
   """(name, kind) of every `layers.Activation` of `model`, in forward order,
   e.g. ('block1_act1', 'relu')."""
-  from cnn_lab import layers  # layers imports this module lazily.
   sites = {}
   for path, module in _forward_calls(model, variables, sample_input):
     if isinstance(module, layers.Activation):
@@ -187,10 +190,47 @@ def activation_stats(y: jax.Array, kind: str) -> dict[str, jax.Array]:
 
 ACTIVATION_STATS = ('act_mean', 'act_std', 'act_saturated', 'act_dead')
 
+# The variable collections `watch_activations` fills at every activation
+# site when the caller of `model.apply` makes them mutable (cnn_lab.train
+# does; inference and `init` leave them alone, so watching costs nothing
+# there).
+STATS_COLLECTION = 'activation_stats'  # A few scalars per site.
+VALUES_COLLECTION = 'activations'  # The whole tensor (histograms).
+
+
+def _record_activation(next_fun, args, kwargs, context):
+  """A flax method interceptor: the output of every `layers.Activation`
+  call, reduced to `activation_stats` into STATS_COLLECTION and kept whole
+  in VALUES_COLLECTION, for whichever of the two is mutable."""
+  y = next_fun(*args, **kwargs)
+  module = context.module
+  if (not isinstance(module, layers.Activation)
+      or context.method_name != '__call__' or module.is_initializing()):
+    return y
+  # Inside a jitted step these are reductions of a tensor it already
+  # holds, taken where the tensor is made; stop_gradient keeps them out of
+  # the backward pass.
+  if module.is_mutable_collection(STATS_COLLECTION):
+    for key, value in activation_stats(lax.stop_gradient(y),
+                                       module.kind).items():
+      module.put_variable(STATS_COLLECTION, key, value)
+  if module.is_mutable_collection(VALUES_COLLECTION):
+    module.put_variable(VALUES_COLLECTION, 'value', lax.stop_gradient(y))
+  return y
+
+
+@contextlib.contextmanager
+def watch_activations() -> Iterator[None]:
+  """Inside it, `model.apply(..., mutable=[STATS_COLLECTION])` records each
+  activation site's `activation_stats` (and, with VALUES_COLLECTION, its
+  whole output) under the site's module path."""
+  with nn.intercept_methods(_record_activation):
+    yield
+
 
 def collect_activation_stats(collection, sites) -> dict[str, jax.Array]:
-  """`act_<stat>/<site>` from the 'activation_stats' collection the model
-  filled (`layers.Activation`), for `sites` = [(name, kind), ...]."""
+  """`act_<stat>/<site>` from the STATS_COLLECTION the model filled
+  (`watch_activations`), for `sites` = [(name, kind), ...]."""
   stats = {}
   for name, _ in sites:
     tree = collection

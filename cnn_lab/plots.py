@@ -24,7 +24,6 @@ One PNG per figure; the same figure draws one run or several on shared axes
 (gradient flow and loss); `--out DIR` draws every figure above into DIR.
 """
 
-import json
 import math
 import pathlib
 import sys
@@ -39,139 +38,20 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from cnn_lab.errors import ArgumentParser, ConfigError  # noqa: E402
-from cnn_lab.writers import read_metrics  # noqa: E402
+from cnn_lab.runs import (RunFiles, load_runs, merge_order, run_labels,  # noqa: E402
+                          to_float)
 
-WEIGHT_KINDS = ('conv', 'dense')
 # The usual rule of thumb: an update of about 1e-3 of the weights per step.
 UPDATE_RATIO_REFERENCE = 1e-3
 DPI = 110
 
 
-def to_float(value) -> float:
-  """A logged number as a float: "nan"/"inf" strings parse, anything that is
-  not a number (a layer name, null) is nan."""
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    return math.nan
-
-
-class RunFiles:
-  """What one workdir holds: config, layers and activation sites (forward
-  order), metric lines."""
-
-  def __init__(self, workdir):
-    self.workdir = pathlib.Path(workdir)
-    for name in ('config.json', 'layers.json', 'metrics.jsonl'):
-      if not (self.workdir / name).is_file():
-        raise ConfigError(
-            f'{self.workdir} is not a cnn_lab run: it has no {name}')
-    self.config = self._read_json('config.json', dict)
-    self.layers = [l for l in self._read_json('layers.json', list)
-                   if isinstance(l, dict) and 'name' in l]
-    # Older runs have no activations.json: their sites come from the keys.
-    self.activations = []
-    if (self.workdir / 'activations.json').is_file():
-      self.activations = [a for a in self._read_json('activations.json', list)
-                          if isinstance(a, dict) and 'name' in a]
-    try:
-      lines = read_metrics(self.workdir)
-    except UnicodeDecodeError as e:
-      raise ConfigError(f'{self.workdir / "metrics.jsonl"} is not text: {e}')
-    self.lines = [l for l in lines
-                  if isinstance(l, dict) and isinstance(l.get('step'), int)]
-
-  def _read_json(self, name, kind):
-    try:
-      obj = json.loads((self.workdir / name).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ConfigError(f'{self.workdir / name} is not valid JSON: {e}')
-    if not isinstance(obj, kind):
-      raise ConfigError(f'{self.workdir / name} does not hold a JSON '
-                        f'{"object" if kind is dict else "list"}')
-    return obj
-
-  @property
-  def name(self) -> str:
-    return str(self.config.get('name') or self.workdir.name)
-
-  @property
-  def weight_layers(self) -> list[str]:
-    """Convolution and dense layers: the depth axis of gradient-flow plots."""
-    return [l['name'] for l in self.layers if l.get('kind') in WEIGHT_KINDS]
-
-  def _names_in_keys(self, prefixes) -> list[str]:
-    """Names after `prefix/` in the training lines, in the order logged."""
-    names = {}
-    for line in self.train_lines():
-      for key in line:
-        prefix, _, name = key.partition('/')
-        if prefix in prefixes and name:
-          names.setdefault(name)
-    return list(names)
-
-  @property
-  def bn_layers(self) -> list[str]:
-    """Layers with running-statistics gaps logged, in forward order."""
-    logged = self._names_in_keys(('bn_mean_gap', 'bn_var_gap'))
-    order = [l['name'] for l in self.layers]
-    return merge_order([[n for n in order if n in logged], logged])
-
-  @property
-  def sites(self) -> list[str]:
-    """Activation sites in forward order (activations.json, else the keys)."""
-    logged = self._names_in_keys(
-        ('act_mean', 'act_std', 'act_saturated', 'act_dead'))
-    return merge_order([[a['name'] for a in self.activations], logged])
-
-  def train_lines(self) -> list[dict]:
-    return [l for l in self.lines if 'train/loss' in l]
-
-  def series(self, key: str) -> tuple[list[int], list[float]]:
-    pairs = [(l['step'], to_float(l[key])) for l in self.lines if key in l]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-  def last(self, key: str):
-    """The last logged value of `key` (as written), or None."""
-    for line in reversed(self.lines):
-      if key in line:
-        return line[key]
-    return None
-
-  def has(self, prefix: str) -> bool:
-    return any(k.startswith(prefix) for l in self.train_lines() for k in l)
-
-
-def load_runs(workdirs) -> list[RunFiles]:
-  """The runs, each checked to have at least one training line."""
-  if not workdirs:
-    raise ConfigError('no run folders given')
-  runs = [RunFiles(w) for w in workdirs]
-  for run in runs:
-    if not run.train_lines():
-      raise ConfigError(f'{run.workdir} has no training lines in '
-                        'metrics.jsonl yet (did the run log a step?)')
-  return runs
-
-
-def merge_order(name_lists) -> list[str]:
-  """The union of several forward-ordered name lists: a name new to the
-  merged list goes after the name before it in its own list."""
-  merged = []
-  for names in name_lists:
-    names = list(names)
-    pos = 0
-    for name in names:
-      if name in merged:
-        pos = merged.index(name) + 1
-        continue
-      # Past names only other lists have (another branch), so that the
-      # earlier lists keep their order.
-      while pos < len(merged) and merged[pos] not in names:
-        pos += 1
-      merged.insert(pos, name)
-      pos += 1
-  return merged
+def _spread(count: int, points: int) -> list[int]:
+  """Up to `points` indices into `count` items, spread evenly from the
+  first to the last."""
+  if count <= 1:
+    return [0]
+  return sorted({round(i * (count - 1) / (points - 1)) for i in range(points)})
 
 
 def _pick_lines(lines: list[dict], count: int) -> list[dict]:
@@ -180,13 +60,20 @@ def _pick_lines(lines: list[dict], count: int) -> list[dict]:
     return lines
   if count == 1:
     return lines[-1:]
-  idx = sorted({round(i * (len(lines) - 1) / (count - 1))
-                for i in range(count)})
-  return [lines[i] for i in idx]
+  return [lines[i] for i in _spread(len(lines), count)]
+
+
+def _early_to_late(i: int, count: int):
+  """The i-th of `count` colours from dark (first) to yellow (last)."""
+  return plt.get_cmap('viridis')(0.9 * i / max(count - 1, 1))
+
+
+def _run_color(i: int):
+  return plt.get_cmap('tab10')(i % 10)
 
 
 def _step_styles(runs, labels, num_points: int = 4):
-  """(run index, line, style kwargs) for "a value per layer at several steps".
+  """(line, style kwargs) for "a value per layer at several steps".
 
   One run: `num_points` steps, coloured early (dark) to late (yellow). Several
   runs: colour = run, and the first, middle and last step dotted, dashed and
@@ -194,21 +81,19 @@ def _step_styles(runs, labels, num_points: int = 4):
   """
   if len(runs) == 1:
     picked = _pick_lines(runs[0].train_lines(), num_points)
-    cmap = plt.get_cmap('viridis')
     for i, line in enumerate(picked):
-      yield 0, line, dict(color=cmap(0.9 * i / max(len(picked) - 1, 1)),
-                          linestyle='-', label=f'step {line["step"]}')
+      yield line, dict(color=_early_to_late(i, len(picked)), linestyle='-',
+                       label=f'step {line["step"]}')
     return
   for r, (run, label) in enumerate(zip(runs, labels)):
     picked = _pick_lines(run.train_lines(), 3)
     styles = [':', '--', '-'][-len(picked):]
     for line, style in zip(picked, styles):
-      yield r, line, dict(color=_run_color(r), linestyle=style,
-                          label=f'{label}, step {line["step"]}')
+      yield line, dict(color=_run_color(r), linestyle=style,
+                       label=f'{label}, step {line["step"]}')
 
 
-def _run_color(i: int):
-  return plt.get_cmap('tab10')(i % 10)
+# --- Drawing on one panel. ---
 
 
 def _plot_depth_series(ax, values, zeros, style='-', xs=None, **kwargs):
@@ -252,6 +137,56 @@ def _mark_zeros(ax, zeros):
           va='top')
 
 
+def _per_layer(line, prefix, names):
+  """Values of `prefix/<name>` for each name; None where not logged."""
+  return [line.get(f'{prefix}/{n}') for n in names]
+
+
+def _depth_lines(ax, styled_lines, names, prefix):
+  """`prefix/<layer>` against depth, one curve per (line, style) of
+  `styled_lines`, on the shared axis `names` (a layer a run lacks has no
+  point). Returns the special points for `_mark_zeros`."""
+  zeros = []
+  for line, style in styled_lines:
+    values = _per_layer(line, prefix, names)
+    xs = [i for i, v in enumerate(values) if v is not None]
+    if not xs:
+      continue
+    style = dict(style)
+    ls = style.pop('linestyle')
+    _plot_depth_series(ax, [values[i] for i in xs], zeros, ls, xs=xs,
+                       **style)
+  return zeros
+
+
+def _plot_series(ax, steps, values, **kwargs):
+  """A curve with non-finite values left as gaps."""
+  ax.plot(steps, [v if math.isfinite(v) else math.nan for v in values],
+          **kwargs)
+
+
+def _finite_positive(values) -> list[float]:
+  return [v for v in values if 0 < v < math.inf]
+
+
+# --- A panel's axes, labels and legend. ---
+
+
+def _panel(ax, title, ylabel, which='major', axis='both'):
+  """A panel's title and y label, with a light grid (`which` lines of
+  `axis`, as `Axes.grid` takes them)."""
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.grid(True, which=which, axis=axis, alpha=0.3)
+
+
+def _step_panel(ax, title, ylabel, which='major'):
+  """A panel over training steps: integer step ticks on the x axis."""
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.set_xlabel('step')
+  _panel(ax, title, ylabel, which)
+
+
 def _depth_axis(ax, names, xlabel='layer (input → output)', log=True):
   ax.set_xticks(range(len(names)))
   ax.set_xticklabels(names, rotation=60, ha='right', fontsize=7)
@@ -271,11 +206,16 @@ def _has_positive(ax) -> bool:
   return any(0 < p.get_height() < math.inf for p in ax.patches)
 
 
-def _readable_log_ticks(ax):
-  """Plain numbers (2.3, not 2.3x10^0) on a log axis that spans less than
-  about a decade, as losses often do."""
+def _log_scale_if_positive(ax, values):
+  """A log y axis where `values` hold a positive finite number and no
+  negative one, with plain tick labels when it spans less than about a
+  decade, as losses often do."""
+  finite = [v for v in values if math.isfinite(v)]
+  if not _finite_positive(values) or min(finite) < 0:
+    return
+  ax.set_yscale('log')
   bottom, top = ax.get_ylim()
-  if ax.get_yscale() == 'log' and 0 < bottom and top / bottom < 20:
+  if 0 < bottom and top / bottom < 20:
     plain = matplotlib.ticker.FuncFormatter(lambda y, _: f'{y:.3g}')
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
@@ -297,29 +237,16 @@ def _legend(ax, handles=None, labels=None, **kwargs):
               bbox_to_anchor=(1.01, 1), borderaxespad=0, **kwargs)
 
 
-def _suptitle(fig, what, runs):
-  fig.suptitle(f'{what}: {", ".join(r.name for r in runs)}', fontsize=11)
+def _style_handles(styles):
+  """Grey legend handles showing line styles (what was measured, or which
+  run), where colour means something else."""
+  return [Line2D([], [], color='0.2', **style) for style in styles]
 
 
-def _per_layer(line, prefix, names):
-  """Values of `prefix/<name>` for each name; None where not logged."""
-  return [line.get(f'{prefix}/{n}') for n in names]
-
-
-def _depth_lines(ax, runs, labels, names, prefix, num_points=4):
-  """`prefix/<layer>` against depth at several steps, each run on the shared
-  axis `names` (a layer a run lacks has no point). Returns the special
-  points for `_mark_zeros`."""
-  zeros = []
-  for _, line, style in _step_styles(runs, labels, num_points):
-    values = _per_layer(line, prefix, names)
-    xs = [i for i, v in enumerate(values) if v is not None]
-    if not xs:
-      continue
-    ls = style.pop('linestyle')
-    _plot_depth_series(ax, [values[i] for i in xs], zeros, ls, xs=xs,
-                       **style)
-  return zeros
+def _suptitle(fig, what, runs, notes=()):
+  notes = f' ({"; ".join(notes)})' if notes else ''
+  fig.suptitle(f'{what}: {", ".join(r.name for r in runs)}{notes}',
+               fontsize=11)
 
 
 def _last_finite_line(run, names) -> dict:
@@ -344,29 +271,10 @@ def figure_gradient_flow(runs, labels, num_points=4):
   fig, (ax_b, ax_l) = plt.subplots(
       2, 1, figsize=(max(8, 0.45 * len(names) + 5), 9), sharex=True,
       layout='constrained')
-  # Bars: one slot per run in each layer; max |g| pale behind mean |g|.
-  width = 0.8 / len(runs)
-  zeros = []
-  for r, (run, label) in enumerate(zip(runs, labels)):
-    line = _last_finite_line(run, names)
-    color = _run_color(r)
-    offset = (r - (len(runs) - 1) / 2) * width
-    who = f'{label}, ' if len(runs) > 1 else ''
-    for prefix, alpha, what in (('grad_max_abs', 0.35, 'max |g|'),
-                                ('grad_mean_abs', 1.0, 'mean |g|')):
-      values = _per_layer(line, prefix, names)
-      xs = [i + offset for i, v in enumerate(values) if v is not None]
-      ys = [to_float(v) for v in values if v is not None]
-      if not xs:
-        continue
-      ax_b.bar(xs, [y if 0 < y < math.inf else 0 for y in ys], width,
-               color=color, alpha=alpha,
-               label=f'{who}{what} at step {line["step"]}')
-      _remember_special(zeros, xs, ys, color)
-  ax_b.set_ylabel('|gradient| (mean: solid, max: pale)')
-  ax_b.set_title('Gradient magnitude per layer at the last logged step '
-                 '(with finite gradients)', fontsize=10)
-  ax_b.grid(True, which='both', axis='y', alpha=0.3)
+  zeros = _gradient_bars(ax_b, runs, labels, names)
+  _panel(ax_b, 'Gradient magnitude per layer at the last logged step '
+         '(with finite gradients)', '|gradient| (mean: solid, max: pale)',
+         which='both', axis='y')
   if _has_positive(ax_b):
     ax_b.set_yscale('log')
     _mark_zeros(ax_b, zeros)
@@ -374,8 +282,8 @@ def figure_gradient_flow(runs, labels, num_points=4):
   else:
     _no_data(ax_b, 'no mean/max |g| logged (older run)' if not zeros else
              'no positive finite gradient at the last step')
-  # Lines: the gradient L2 norm per layer at several steps.
-  zeros = _depth_lines(ax_l, runs, labels, names, 'grad_norm', num_points)
+  zeros = _depth_lines(ax_l, _step_styles(runs, labels, num_points), names,
+                       'grad_norm')
   _depth_axis(ax_l, names, log=_has_positive(ax_l))
   _mark_zeros(ax_l, zeros)
   ax_l.set_ylabel('gradient L2 norm')
@@ -385,18 +293,34 @@ def figure_gradient_flow(runs, labels, num_points=4):
   return fig
 
 
+def _gradient_bars(ax, runs, labels, names) -> list:
+  """Mean |g| bars with max |g| pale behind, one slot per run in each
+  layer, at each run's last finite line; returns the special points."""
+  width = 0.8 / len(runs)
+  zeros = []
+  for r, (run, label) in enumerate(zip(runs, labels)):
+    line = _last_finite_line(run, names)
+    offset = (r - (len(runs) - 1) / 2) * width
+    who = f'{label}, ' if len(runs) > 1 else ''
+    for prefix, alpha, what in (('grad_max_abs', 0.35, 'max |g|'),
+                                ('grad_mean_abs', 1.0, 'mean |g|')):
+      values = _per_layer(line, prefix, names)
+      xs = [i + offset for i, v in enumerate(values) if v is not None]
+      ys = [to_float(v) for v in values if v is not None]
+      if not xs:
+        continue
+      ax.bar(xs, [y if 0 < y < math.inf else 0 for y in ys], width,
+             color=_run_color(r), alpha=alpha,
+             label=f'{who}{what} at step {line["step"]}')
+      _remember_special(zeros, xs, ys, _run_color(r))
+  return zeros
+
+
 def figure_grad_heatmap(runs, labels):
   """log10 gradient L2 norm, weight layer (rows, input at top) x logged step
   (columns), one panel per run on one colour scale."""
   names = merge_order(r.weight_layers for r in runs)
-  grids = []  # Per run: its lines, which cells were logged, their values.
-  for run in runs:
-    lines = run.train_lines()
-    keys = [[f'grad_norm/{n}' in l for l in lines] for n in names]
-    values = [[to_float(l.get(f'grad_norm/{n}')) for l in lines]
-              for n in names]
-    grids.append((lines, np.array(keys, bool).reshape(len(names), -1),
-                  np.array(values, float).reshape(len(names), -1)))
+  grids = [_gradient_grid(run, names) for run in runs]
   finite = np.concatenate([v[np.isfinite(v) & (v > 0)]
                            for _, _, v in grids])
   if not finite.size:
@@ -404,31 +328,13 @@ def figure_grad_heatmap(runs, labels):
   vmin, vmax = np.log10(finite.min()), np.log10(finite.max())
   if vmax - vmin < 1e-6:
     vmin, vmax = vmin - 0.5, vmax + 0.5
-  # Black: exactly zero; magenta: not finite; grey: not logged (a layer
-  # this run does not have).
-  cmap = plt.get_cmap('viridis').with_extremes(under='black', over='magenta',
-                                                bad='0.85')
   fig, axes = plt.subplots(
       1, len(runs), squeeze=False, sharey=True, layout='constrained',
       figsize=(3.2 + 3.8 * len(runs), max(3.5, 0.28 * len(names) + 2)))
   zero = nonfinite = False
-  for ax, run, label, (lines, logged, values) in zip(axes[0], runs, labels,
-                                                      grids):
-    ok = np.isfinite(values) & (values > 0)
-    shown = np.full(values.shape, np.nan)
-    shown[ok] = np.log10(values[ok])
-    shown[logged & (values == 0)] = vmin - 1
-    shown[logged & ~np.isfinite(values)] = vmax + 1
-    zero |= bool((logged & (values == 0)).any())
-    nonfinite |= bool((logged & ~np.isfinite(values)).any())
-    image = ax.imshow(np.ma.masked_invalid(shown), aspect='auto',
-                      interpolation='nearest', cmap=cmap, vmin=vmin,
-                      vmax=vmax)
-    ticks = sorted({round(i * (len(lines) - 1) / 5)
-                    for i in range(6)}) if len(lines) > 1 else [0]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([lines[i]['step'] for i in ticks], fontsize=7)
-    ax.set_xlabel('step')
+  for ax, run, label, grid in zip(axes[0], runs, labels, grids):
+    image, has_zero, has_nonfinite = _heatmap_panel(ax, *grid, vmin, vmax)
+    zero, nonfinite = zero or has_zero, nonfinite or has_nonfinite
     ax.set_title(label if len(runs) > 1 else run.name, fontsize=9)
   axes[0][0].set_yticks(range(len(names)))
   axes[0][0].set_yticklabels(names, fontsize=7)
@@ -438,22 +344,43 @@ def figure_grad_heatmap(runs, labels):
   bar = fig.colorbar(image, ax=axes[0].tolist(), extend=extend,
                      fraction=0.05, pad=0.02)
   bar.set_label('log10 gradient L2 norm')
-  notes = [n for n, on in (('black: exactly 0', zero),
-                           ('magenta: not finite', nonfinite)) if on]
-  title = 'Gradient L2 norm by layer and step'
-  fig.suptitle(f'{title}: {", ".join(r.name for r in runs)}'
-               + (f' ({"; ".join(notes)})' if notes else ''), fontsize=11)
+  _suptitle(fig, 'Gradient L2 norm by layer and step', runs, [
+      n for n, on in (('black: exactly 0', zero),
+                      ('magenta: not finite', nonfinite)) if on])
   return fig
 
 
-def _finite_positive(values) -> list[float]:
-  return [v for v in values if 0 < v < math.inf]
+def _gradient_grid(run, names):
+  """A run's training lines, which (layer, line) cells were logged, and
+  their gradient norms (layers x lines)."""
+  lines = run.train_lines()
+  keys = [[f'grad_norm/{n}' in l for l in lines] for n in names]
+  values = [[to_float(l.get(f'grad_norm/{n}')) for l in lines]
+            for n in names]
+  return (lines, np.array(keys, bool).reshape(len(names), -1),
+          np.array(values, float).reshape(len(names), -1))
 
 
-def _plot_series(ax, steps, values, **kwargs):
-  """A curve with non-finite values left as gaps."""
-  ax.plot(steps, [v if math.isfinite(v) else math.nan for v in values],
-          **kwargs)
+def _heatmap_panel(ax, lines, logged, values, vmin, vmax):
+  """One run's grid on the shared colour scale: black exactly zero,
+  magenta not finite, grey not logged (a layer this run does not have).
+  Returns the image and whether zero and non-finite cells occur."""
+  cmap = plt.get_cmap('viridis').with_extremes(under='black', over='magenta',
+                                                bad='0.85')
+  ok = np.isfinite(values) & (values > 0)
+  zero = logged & (values == 0)
+  nonfinite = logged & ~np.isfinite(values)
+  shown = np.full(values.shape, np.nan)
+  shown[ok] = np.log10(values[ok])
+  shown[zero] = vmin - 1
+  shown[nonfinite] = vmax + 1
+  image = ax.imshow(np.ma.masked_invalid(shown), aspect='auto',
+                    interpolation='nearest', cmap=cmap, vmin=vmin, vmax=vmax)
+  ticks = _spread(len(lines), 6)
+  ax.set_xticks(ticks)
+  ax.set_xticklabels([lines[i]['step'] for i in ticks], fontsize=7)
+  ax.set_xlabel('step')
+  return image, bool(zero.any()), bool(nonfinite.any())
 
 
 LOSS_CURVES = (
@@ -471,25 +398,8 @@ def figure_curves(runs, labels):
   colour = run, line style = what was measured."""
   fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(14, 4.8),
                                    layout='constrained')
-  losses = []
-  for ax, curves in ((ax_l, LOSS_CURVES), (ax_a, ACCURACY_CURVES)):
-    drawn = {}
-    for r, run in enumerate(runs):
-      for key, what, style in curves:
-        steps, values = run.series(key)
-        if steps:
-          _plot_series(ax, steps, values, color=_run_color(r), label=what,
-                       **style)
-          drawn[what] = style
-          losses += values if ax is ax_l else []
-    if len(runs) > 1:  # One entry per measurement, one per run.
-      handles = [Line2D([], [], color='0.2', **style)
-                 for style in drawn.values()] + [
-                     Line2D([], [], color=_run_color(r), linewidth=3)
-                     for r in range(len(runs))]
-      _legend(ax, handles, list(drawn) + labels)
-    else:
-      _legend(ax)
+  losses = _curves_panel(ax_l, runs, labels, LOSS_CURVES)
+  _curves_panel(ax_a, runs, labels, ACCURACY_CURVES)
   for r, run in enumerate(runs):
     first = to_float(run.last('nonfinite/first_step'))
     if math.isfinite(first):
@@ -498,22 +408,34 @@ def figure_curves(runs, labels):
       ax_l.text(first, 0.02, ' first non-finite step',
                 color=_run_color(r), fontsize=7, rotation=90, va='bottom',
                 transform=ax_l.get_xaxis_transform())
-  if _finite_positive(losses):
-    ax_l.set_yscale('log')
-    _readable_log_ticks(ax_l)
-  for ax in (ax_l, ax_a):
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-  ax_l.set_xlabel('step')
-  ax_l.set_ylabel('loss')
-  ax_l.set_title('Loss', fontsize=10)
-  ax_l.grid(True, which='both', alpha=0.3)
-  ax_a.set_xlabel('step')
-  ax_a.set_ylabel('accuracy')
+  _log_scale_if_positive(ax_l, losses)
+  _step_panel(ax_l, 'Loss', 'loss', which='both')
+  _step_panel(ax_a, 'Accuracy', 'accuracy')
   ax_a.set_ylim(0, 1)
-  ax_a.set_title('Accuracy', fontsize=10)
-  ax_a.grid(True, alpha=0.3)
   _suptitle(fig, 'Training curves', runs)
   return fig
+
+
+def _curves_panel(ax, runs, labels, curves) -> list[float]:
+  """Each run's `curves` (key, what, style) over steps, in the run's
+  colour, with one legend entry per measurement and one per run; returns
+  every value drawn."""
+  drawn, values = {}, []
+  for r, run in enumerate(runs):
+    for key, what, style in curves:
+      steps, ys = run.series(key)
+      if steps:
+        _plot_series(ax, steps, ys, color=_run_color(r), label=what,
+                     **style)
+        drawn[what] = style
+        values += ys
+  if len(runs) > 1:
+    _legend(ax, _style_handles(drawn.values()) + [
+        Line2D([], [], color=_run_color(r), linewidth=3)
+        for r in range(len(runs))], list(drawn) + labels)
+  else:
+    _legend(ax)
+  return values
 
 
 def _fraction_key(line, site):
@@ -533,7 +455,7 @@ def figure_activations(runs, labels, num_points=4):
       3, 1, figsize=(max(8, 0.4 * len(sites) + 5), 11), sharex=True,
       layout='constrained')
   kinds = set()
-  for _, line, style in _step_styles(runs, labels, num_points):
+  for line, style in _step_styles(runs, labels, num_points):
     keys = [_fraction_key(line, s) for s in sites]
     kinds.update(k.split('/')[0] for k in keys if k)
     for ax, values in (
@@ -549,15 +471,13 @@ def figure_activations(runs, labels, num_points=4):
           frozenset({'act_dead'}): 'fraction of dead ReLU channels'}.get(
               frozenset(kinds), 'saturated (tanh, sigmoid) or dead (ReLU) '
               'fraction')
-  ax_f.set_ylabel(what, fontsize=8)
+  _panel(ax_f, 'Saturated or dead units per activation site', what,
+         axis='y')
+  ax_f.yaxis.label.set_fontsize(8)
   ax_f.set_ylim(-0.03, 1.03)
-  ax_f.set_title('Saturated or dead units per activation site', fontsize=10)
-  ax_f.grid(True, axis='y', alpha=0.3)
   if not kinds:
     _no_data(ax_f, 'no saturation or dead-unit statistics logged')
-  ax_m.set_ylabel('activation mean')
-  ax_m.set_title('Mean activation', fontsize=10)
-  ax_m.grid(True, axis='y', alpha=0.3)
+  _panel(ax_m, 'Mean activation', 'activation mean', axis='y')
   if not ax_m.get_lines():
     _no_data(ax_m, 'no activation means logged')
   ax_m.axhline(0, color='0.5', linewidth=0.8)
@@ -580,7 +500,8 @@ def figure_update_ratio(runs, labels, num_points=4):
   names = merge_order(r.weight_layers for r in runs)
   fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(names) + 5), 5),
                          layout='constrained')
-  zeros = _depth_lines(ax, runs, labels, names, 'update_ratio', num_points)
+  zeros = _depth_lines(ax, _step_styles(runs, labels, num_points), names,
+                       'update_ratio')
   ax.axhline(UPDATE_RATIO_REFERENCE, color='0.3', linestyle='--',
              linewidth=1.2,
              label=f'{UPDATE_RATIO_REFERENCE:g} (rule of thumb)')
@@ -598,6 +519,10 @@ def figure_update_ratio(runs, labels, num_points=4):
   return fig
 
 
+# One line style per run in the batch-norm figure, where colour is depth.
+RUN_STYLES = ('-', '--', ':', '-.')
+
+
 def figure_bn(runs, labels):
   """Running against batch statistics per BN layer over time (colour =
   depth, line style = run), and the probe loss in eval minus train mode."""
@@ -606,47 +531,18 @@ def figure_bn(runs, labels):
     return None
   layers = merge_order(r.bn_layers for r in runs)
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), layout='constrained')
-  cmap = plt.get_cmap('viridis')
-  styles = ['-', '--', ':', '-.']
-  depth_color = {n: cmap(0.9 * i / max(len(layers) - 1, 1))
-                 for i, n in enumerate(layers)}
+  colors = {n: _early_to_late(i, len(layers)) for i, n in enumerate(layers)}
   for ax, prefix, what in ((axes[0], 'bn_mean_gap', 'mean'),
                            (axes[1], 'bn_var_gap', 'variance')):
-    values = []
-    for r, run in enumerate(runs):
-      for name in layers:
-        steps, ys = run.series(f'{prefix}/{name}')
-        if steps:
-          _plot_series(ax, steps, ys, color=depth_color[name],
-                       linestyle=styles[r % len(styles)], linewidth=1.2)
-          values += ys
-    if _finite_positive(values) and min(v for v in values
-                                        if math.isfinite(v)) >= 0:
-      ax.set_yscale('log')
-      _readable_log_ticks(ax)
-    if not values:
-      _no_data(ax, f'no bn_{prefix[3:]} logged')
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel('step')
-    ax.set_ylabel(f'gap: running vs batch {what}')
-    ax.set_title(f'BN {what}: running vs batch statistics', fontsize=10)
-    ax.grid(True, which='both', alpha=0.3)
+    _bn_gap_panel(ax, runs, layers, colors, prefix, what)
   with_bn = [r for r, run in enumerate(runs) if run.bn_layers]
   if len(runs) > 1 and with_bn:  # Which line style is which run.
     axes[0].legend(
-        [Line2D([], [], color='0.2', linestyle=styles[r % len(styles)])
-         for r in with_bn], [labels[r] for r in with_bn], fontsize=7)
+        _style_handles(dict(linestyle=RUN_STYLES[r % len(RUN_STYLES)])
+                       for r in with_bn),
+        [labels[r] for r in with_bn], fontsize=7)
   if layers:
-    mappable = plt.cm.ScalarMappable(
-        plt.Normalize(-0.5, len(layers) - 0.5),
-        matplotlib.colors.ListedColormap([depth_color[n] for n in layers]))
-    ticks = sorted({round(i * (len(layers) - 1) / 7)
-                    for i in range(8)}) if len(layers) > 1 else [0]
-    bar = fig.colorbar(mappable, ax=axes[:2].tolist(), ticks=ticks,
-                       fraction=0.04, pad=0.01)
-    bar.ax.set_yticklabels([layers[i] for i in ticks], fontsize=7)
-    bar.ax.invert_yaxis()  # Input at the top, as in the heatmap.
-    bar.set_label('BN layer')
+    _layer_colorbar(fig, axes[:2].tolist(), layers, colors)
   ax = axes[2]
   for r, (run, label) in enumerate(zip(runs, labels)):
     steps, ys = run.series('probe/bn_train_eval_gap')
@@ -656,14 +552,42 @@ def figure_bn(runs, labels):
   if not ax.get_lines():
     _no_data(ax, 'no probe/bn_train_eval_gap logged')
   ax.axhline(0, color='0.5', linewidth=0.8)
-  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-  ax.set_xlabel('step')
-  ax.set_ylabel('eval-mode minus train-mode loss')
-  ax.set_title('Probe batch: eval-mode minus train-mode loss', fontsize=10)
-  ax.grid(True, alpha=0.3)
+  _step_panel(ax, 'Probe batch: eval-mode minus train-mode loss',
+              'eval-mode minus train-mode loss')
   _legend(ax)
   _suptitle(fig, 'Batch norm', runs)
   return fig
+
+
+def _bn_gap_panel(ax, runs, layers, colors, prefix, what):
+  """`prefix/<layer>` over steps: colour = the layer's depth, line style =
+  the run."""
+  values = []
+  for r, run in enumerate(runs):
+    for name in layers:
+      steps, ys = run.series(f'{prefix}/{name}')
+      if steps:
+        _plot_series(ax, steps, ys, color=colors[name],
+                     linestyle=RUN_STYLES[r % len(RUN_STYLES)],
+                     linewidth=1.2)
+        values += ys
+  _log_scale_if_positive(ax, values)
+  if not values:
+    _no_data(ax, f'no bn_{prefix[3:]} logged')
+  _step_panel(ax, f'BN {what}: running vs batch statistics',
+              f'gap: running vs batch {what}', which='both')
+
+
+def _layer_colorbar(fig, axes, layers, colors):
+  """A colour bar naming the layers of `colors`, input at the top."""
+  mappable = plt.cm.ScalarMappable(
+      plt.Normalize(-0.5, len(layers) - 0.5),
+      matplotlib.colors.ListedColormap([colors[n] for n in layers]))
+  ticks = _spread(len(layers), 8)
+  bar = fig.colorbar(mappable, ax=axes, ticks=ticks, fraction=0.04, pad=0.01)
+  bar.ax.set_yticklabels([layers[i] for i in ticks], fontsize=7)
+  bar.ax.invert_yaxis()  # Input at the top, as in the heatmap.
+  bar.set_label('BN layer')
 
 
 # Name (the PNG's stem) -> drawing function, in the order a report shows them.
@@ -714,42 +638,6 @@ def plot_gradient_flow(workdir, out=None, num_points: int = 4) -> pathlib.Path:
   return _save(figure_gradient_flow([run], [run.name], num_points), out)
 
 
-def flatten_config(d: dict, prefix='') -> dict:
-  """A nested config as {"model.norm": value, ...}."""
-  flat = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      flat.update(flatten_config(v, f'{prefix}{k}.'))
-    else:
-      flat[f'{prefix}{k}'] = v
-  return flat
-
-
-def differing_fields(runs: list[RunFiles]) -> list[str]:
-  """Dotted config fields whose values differ between the runs (not name)."""
-  flats = [flatten_config(r.config) for r in runs]
-  keys = sorted(set().union(*flats))
-  return [k for k in keys
-          if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1
-          and k != 'name']
-
-
-def run_labels(runs: list[RunFiles]) -> list[str]:
-  """Legend labels: the config fields whose values differ between runs
-  (by their last name, e.g. `norm=batch`, unless two share it)."""
-  flats = [flatten_config(r.config) for r in runs]
-  differing = differing_fields(runs)
-  short = [k.split('.')[-1] for k in differing]
-  names = [s if short.count(s) == 1 else k for k, s in zip(differing, short)]
-  labels = []
-  for run, flat in zip(runs, flats):
-    parts = [f'{n}={flat.get(k)}' for n, k in zip(names, differing)]
-    labels.append(', '.join(parts) if parts else run.workdir.name)
-  if len(set(labels)) < len(labels):  # Same config twice: use the folders.
-    labels = [f'{l} ({r.workdir.name})' for l, r in zip(labels, runs)]
-  return labels
-
-
 def legend_labels(runs: list[RunFiles]) -> list[str]:
   """`run_labels`, wrapped to fit a legend; runs that differ in too many
   fields to list are named by their run name (or folder) instead."""
@@ -777,17 +665,16 @@ def plot_compare(workdirs, out) -> pathlib.Path:
   fig, (ax_g, ax_l) = plt.subplots(
       1, 2, figsize=(max(12, 0.4 * len(names) + 8), 5),
       gridspec_kw={'width_ratios': [3, 2]})
-  zeros = []
+  first_and_last = [
+      (line, dict(linestyle=style, color=_run_color(i),
+                  label=f'{label}, step {line["step"]}'))
+      for i, (run, label) in enumerate(zip(runs, labels))
+      for line, style in ((run.train_lines()[0], '--'),
+                          (run.train_lines()[-1], '-'))]
+  zeros = _depth_lines(ax_g, first_and_last, names, 'grad_norm')
   for i, (run, label) in enumerate(zip(runs, labels)):
-    lines = run.train_lines()
-    for line, style in ((lines[0], '--'), (lines[-1], '-')):
-      values = _per_layer(line, 'grad_norm', names)
-      xs = [j for j, v in enumerate(values) if v is not None]
-      _plot_depth_series(ax_g, [values[j] for j in xs], zeros, style, xs=xs,
-                         color=_run_color(i),
-                         label=f'{label}, step {line["step"]}')
-    steps, losses = run.series('train/loss')
-    _plot_series(ax_l, steps, losses, color=_run_color(i), label=label)
+    _plot_series(ax_l, *run.series('train/loss'), color=_run_color(i),
+                 label=label)
   _depth_axis(ax_g, names, log=_has_positive(ax_g))
   _mark_zeros(ax_g, zeros)
   ax_g.set_ylabel('gradient L2 norm')

@@ -24,6 +24,7 @@ import sys
 import tempfile
 
 from cnn_lab import plots
+from cnn_lab import runs as runs_lib
 from cnn_lab.errors import ArgumentParser, ConfigError
 
 # One sentence per figure: how to read it.
@@ -108,7 +109,7 @@ def format_value(value) -> str:
   return json.dumps(value)
 
 
-def final_metrics(runs: list[plots.RunFiles]) -> list[tuple[str, list]]:
+def final_metrics(runs: list[runs_lib.RunFiles]) -> list[tuple[str, list]]:
   """(row title, one value per run) for the final-metrics table; the rows
   that only some runs can have (batch norm, non-finite) only when one has."""
   rows = []
@@ -120,7 +121,7 @@ def final_metrics(runs: list[plots.RunFiles]) -> list[tuple[str, list]]:
     return f'{step} of {planned}' if isinstance(planned, int) else step
 
   def last_number(key):
-    return [None if r.last(key) is None else plots.to_float(r.last(key))
+    return [None if r.last(key) is None else runs_lib.to_float(r.last(key))
             for r in runs]
 
   def eval_step(run):
@@ -188,11 +189,11 @@ def _run_heads(runs, labels) -> list[str]:
 
 
 def _config_section(runs, heads) -> str:
-  flats = [plots.flatten_config(r.config) for r in runs]
+  flats = [runs_lib.flatten_config(r.config) for r in runs]
   if len(runs) == 1:
     return ('<h2>Config</h2>\n' + _table(
         heads, [(k, [flats[0][k]]) for k in sorted(flats[0])]))
-  differing = plots.differing_fields(runs)
+  differing = runs_lib.differing_fields(runs)
   parts = ['<h2>Config fields that differ</h2>']
   if differing:
     parts.append(_table(heads, [(k, [f.get(k) for f in flats])
@@ -219,7 +220,7 @@ def _figure(name: str, png: pathlib.Path) -> str:
 def write_report(workdirs, out, verbose: bool = False) -> pathlib.Path:
   """Writes the HTML page for `workdirs` to `out`; returns its path."""
   say = print if verbose else (lambda *a, **k: None)
-  runs = plots.load_runs(workdirs)
+  runs = runs_lib.load_runs(workdirs)
   say(f'[report] {len(runs)} run(s): {", ".join(r.name for r in runs)}',
       flush=True)
   labels = plots.legend_labels(runs)

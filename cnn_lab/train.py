@@ -1,295 +1,163 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`.
 
-The only code that reads the root config. Below it, sub-configs go in as
-keyword arguments (`make_datasets(**config.data)`, `create_model(...)`,
-`make_optimizer(**config.optim)`). Everything that can reject the config
-(model knobs, optimiser, data) runs before the workdir is created, so a bad
-config leaves nothing behind.
+The only code that reads the root config. A run goes through stages, each
+a function with one job:
+
+  validate_config   every check that needs no data, before anything is
+                    built or written (a bad config leaves nothing behind)
+  build_run         dataset, model, optimiser, the initial state, and the
+                    names of its layers, activation sites and BN layers
+  prepare_workdir   refuses another config's run, or finds this one to
+                    resume; writes config.json, layers.json, activations.json
+  restore           the latest complete checkpoint, and the metric lines up
+                    to its step
+  compile_steps     the jitted steps, compiled once, before the loop
+  train_loop        per step: histograms, the step, its line, evaluation
+                    and checkpoint when they are due
+  finish            files closed, plots drawn from them
+
+Below it, sub-configs go in as keyword arguments (`make_datasets(
+**config.data)`, `create_model(...)`, `make_optimizer(**config.optim)`);
+the step functions themselves are `cnn_lab.steps`.
 """
 
+import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import math
 import os
 import pathlib
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax.training import train_state
 
+from cnn_lab import checkpoints as checkpoints_lib
 from cnn_lab import data as data_lib
 from cnn_lab import metrics as metrics_lib
-from cnn_lab import checkpoints as checkpoints_lib
-from cnn_lab import layers, models, optim, plots, writers
+from cnn_lab import models, optim, plots, writers
+from cnn_lab import steps as steps_lib
 from cnn_lab.errors import ConfigError, check_choice, check_positive
 
+ON_NONFINITE = ('halt', 'skip')
 
-class TrainState(train_state.TrainState):
-  """Parameters, optimiser state and step, plus batch-norm statistics
-  (an empty dict for models without batch norm: one code path for all) and
-  where non-finite values first appeared: the step, and the indices (in
-  forward order) of the layer whose gradient and of the activation site
-  where they started (`metrics.nonfinite_origin`), -1 where none; all -1
-  while every gradient has been finite."""
-  batch_stats: Any = flax.core.FrozenDict()
-  first_nonfinite: jax.Array = None  # [step, grad layer, activation site].
-  skipped_steps: jax.Array = None  # Updates dropped by on_nonfinite='skip'.
+# A run with at least this many unlogged steps runs them
+# without per-layer statistics, in a second compiled version of the step.
+# Statistics make a step 1.05-1.29x slower on the CPU and 1.14-1.64x on a
+# GPU (`python -m cnn_lab.bench`); the second compilation pays for itself
+# after ~100-700 unlogged steps on the CPU (ResNet-20 to LeNet-5) and
+# ~3,200-21,000 on an H200 (ResNet-50 float32 to VGG16-BN bfloat16).
+MIN_UNLOGGED_STEPS = 1000
 
-
-def steps_from_epochs(num_epochs: float, num_examples: int,
-                      batch_size: int) -> int:
-  """The one place that turns epochs into steps (last partial batch dropped)."""
-  return max(1, int(num_epochs * (num_examples // batch_size)))
+# Everything a run writes into its workdir (--overwrite deletes these).
+RUN_FILES = ('config.json', 'layers.json', 'activations.json',
+             'metrics.jsonl', 'tensorboard', 'plots', 'checkpoints',
+             'checkpoints_damaged')
 
 
-def create_train_state(model, tx, image_shape, key) -> TrainState:
-  # Non-partitionable threefry: the same keys on one device, and XLA
-  # compiles the initialisation of a large network (GoogLeNet: ~130 arrays)
-  # about 3x faster (measured 11s against 36s on 2 CPU cores).
-  with jax.threefry_partitionable(False):
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        key, jnp.zeros((1, *image_shape), jnp.float32))
-  return TrainState.create(
-      apply_fn=model.apply, params=variables['params'], tx=tx,
-      batch_stats=variables.get('batch_stats', {}),
-      first_nonfinite=jnp.full((3,), -1, jnp.int32),
-      skipped_steps=jnp.zeros((), jnp.int32))
+class Diverged(Exception):
+  """The loss or a gradient became non-finite under on_nonfinite='halt'."""
 
 
-def _variables(state: TrainState, params) -> dict:
-  if state.batch_stats:
-    return {'params': params, 'batch_stats': state.batch_stats}
-  return {'params': params}
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | pathlib.Path | None,
+                       overwrite: bool = False) -> dict:
+  """Trains `config` into `workdir`; returns the final evaluation metrics.
 
-
-def _loss_and_grads(state: TrainState, batch, key, aux_loss_weight: float,
-                    collections=()):
-  """Gradients of the training objective, and what the forward pass left
-  in the mutable `collections` (besides batch stats and auxiliary logits).
-
-  Models with auxiliary classifiers (GoogLeNet's `aux_heads`) sow their
-  logits into the 'aux_logits' collection in training; their cross-entropy,
-  times `aux_loss_weight`, is added to the objective and returned as
-  `aux_loss`, while `loss` stays the main classifier's loss so that runs
-  with and without auxiliary heads compare directly.
+  A workdir that already holds a run of the same config is resumed from its
+  latest complete checkpoint (a finished run is left as it is); one that
+  holds another config is refused, unless `overwrite` deletes that run.
+  Raises ConfigError for an invalid config, Diverged when on_nonfinite is
+  'halt' and the run diverged.
   """
-  mutable = ['aux_logits', *collections] + (
-      ['batch_stats'] if state.batch_stats else [])
-
-  def loss_fn(params):
-    logits, new_vars = state.apply_fn(
-        _variables(state, params), batch['image'], train=True,
-        rngs={'dropout': key}, mutable=mutable)
-    loss = metrics_lib.cross_entropy(logits, batch['label']).mean()
-    aux_logits = jax.tree.leaves(new_vars.get('aux_logits', {}))
-    aux_loss = None
-    objective = loss
-    if aux_logits:
-      aux_loss = aux_loss_weight * sum(
-          metrics_lib.cross_entropy(a, batch['label']).mean()
-          for a in aux_logits)
-      objective = loss + aux_loss
-    return objective, (loss, aux_loss, logits, new_vars)
-
-  (_, (loss, aux_loss, logits, new_vars)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  return loss, aux_loss, logits, new_vars, grads
-
-
-def train_step(state: TrainState, batch, dropout_key, *, layer_names,
-               schedule, activation_sites=(), bn_layers=(),
-               aux_loss_weight: float = 0.3, layer_stats: bool = True,
-               skip_nonfinite: bool = False):
-  """One optimiser step; returns the new state and a flat dict of scalars.
-
-  With `layer_stats`, the scalars include every per-layer statistic of
-  `metrics` (gradients, weights, updates, activations; batch norm for
-  `bn_layers`, see `metrics.batch_norm_layers`): all reductions of tensors
-  the step computes anyway. Without, the step computes only the loss,
-  accuracy and global gradient norm, and looks at single layers only when
-  that norm is not finite (then it runs the forward pass again to find the
-  first non-finite activation). Either way the state records the first
-  step whose loss or global gradient norm is not finite, and where the NaN
-  or inf started (`metrics.nonfinite_origin`; nowhere when finite gradients
-  overflowed the norm). With `skip_nonfinite`, such a step changes nothing
-  but the step counter and `skipped_steps`. Both versions update the state
-  alike; `train_and_evaluate` runs the one with statistics on logged steps.
-  """
-  # A fresh dropout mask every step, derived from the step number so that a
-  # resumed run draws the same masks as an uninterrupted one.
-  key = jax.random.fold_in(dropout_key, state.step)
-  collections = [layers.ACTIVATION_STATS] if layer_stats else []
-  loss, aux_loss, logits, new_vars, grads = _loss_and_grads(
-      state, batch, key, aux_loss_weight, collections)
-  new_state = state.apply_gradients(
-      grads=grads, batch_stats=new_vars.get('batch_stats', state.batch_stats))
-
-  scalars = {
-      'train/loss': loss,
-      'train/accuracy': metrics_lib.accuracy(logits, batch['label']).mean(),
-      'train/learning_rate': schedule(state.step),
-      'grad_norm/global': metrics_lib.global_l2_norm(grads),
-  }
-  if aux_loss is not None:  # The model has auxiliary heads.
-    scalars['train/aux_loss'] = aux_loss
-  act_means = ()
-  if layer_stats:
-    scalars.update(metrics_lib.compute_grad_stats(grads, layer_names))
-    scalars.update(metrics_lib.compute_layer_stats(
-        grads, state.params, new_state.params, layer_names))
-    scalars.update(metrics_lib.collect_activation_stats(
-        new_vars.get(layers.ACTIVATION_STATS, {}), activation_sites))
-    act_means = [scalars[f'act_mean/{name}'] for name, _ in activation_sites]
-    if state.batch_stats:
-      scalars.update(metrics_lib.bn_gap_stats(
-          state.batch_stats, new_state.batch_stats, bn_layers))
-
-  # A step is non-finite when its loss or its global gradient norm is. That
-  # norm also overflows on finite gradients too large to square in float32:
-  # then no layer or activation holds the NaN or inf (origin -1, -1), but
-  # the step counts all the same, as on_nonfinite='skip' drops it.
-  ok = jnp.isfinite(scalars['grad_norm/global']) & jnp.isfinite(loss)
-  # Where non-finite values started, looked for only when there are some.
-  def where_nonfinite():
-    means = act_means
-    if not layer_stats and activation_sites:
-      means = _activation_means(state, batch, key, activation_sites)
-    return metrics_lib.nonfinite_origin(grads, layer_names, means)
-
-  origin = jax.lax.cond(ok, lambda: jnp.full((2,), -1, jnp.int32),
-                        where_nonfinite)
-  first = jnp.concatenate([
-      jnp.asarray(state.step, jnp.int32)[None] + 1, origin])
-  new_state = new_state.replace(first_nonfinite=jnp.where(
-      (state.first_nonfinite[0] < 0) & ~ok, first, state.first_nonfinite))
-  if skip_nonfinite:
-    keep = lambda new, old: jax.tree.map(
-        lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = new_state.replace(
-        params=keep(new_state.params, state.params),
-        opt_state=keep(new_state.opt_state, state.opt_state),
-        batch_stats=keep(new_state.batch_stats, state.batch_stats),
-        skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32))
-    scalars['train/skipped_steps'] = new_state.skipped_steps
-  return new_state, scalars
+  workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
+  options = validate_config(config, workdir)
+  run, state = build_run(config, options)
+  resume = prepare_workdir(workdir, run, state, overwrite)
+  state, start, checkpoints = restore(workdir, state, resume, options)
+  if start >= run.num_steps:
+    checkpoints.close()
+    print(f'  the run was already complete ({run.num_steps} steps)',
+          flush=True)
+    return _last_evaluation(workdir)
+  outputs = Outputs(writers.MetricsWriter(workdir, metric_keys(run)),
+                    checkpoints)
+  t_begin = time.perf_counter()
+  batches = data_lib.prefetch(
+      run.datasets.train.train_batches(run.batch_size, run.seed,
+                                       start_step=start),
+      size=3, transform=jax.device_put)
+  first = next(batches)
+  steps = compile_steps(run, state, first, t_begin)
+  eval_result = train_loop(run, steps, state, start,
+                           itertools.chain([first], batches), outputs)
+  finish(outputs, t_begin)
+  return {k: float(v) for k, v in eval_result.items()}
 
 
-def _activation_means(state: TrainState, batch, key, sites) -> list:
-  """The mean output of each activation site in the training-mode forward
-  pass `train_step` took (same weights, batch and dropout mask)."""
-  mutable = [layers.ACTIVATION_STATS] + (
-      ['batch_stats'] if state.batch_stats else [])
-  _, new_vars = state.apply_fn(
-      _variables(state, state.params), batch['image'], train=True,
-      rngs={'dropout': key}, mutable=mutable)
-  stats = metrics_lib.collect_activation_stats(
-      new_vars[layers.ACTIVATION_STATS], sites)
-  return [stats[f'act_mean/{name}'] for name, _ in sites]
+# --- validate_config ---
 
 
-def histogram_step(state: TrainState, batch, dropout_key, *, layer_names,
-                   activation_sites, aux_loss_weight: float = 0.3):
-  """The gradient of each layer (its arrays flattened into one vector) and
-  each activation site's output, for the step `train_step` is about to take
-  on the same batch (same dropout mask). Called only every
-  `histogram_every_steps`, so the train step itself never returns tensors."""
-  key = jax.random.fold_in(dropout_key, state.step)
-  *_, new_vars, grads = _loss_and_grads(
-      state, batch, key, aux_loss_weight, [layers.ACTIVATION_VALUES])
-  out = {}
-  for name in layer_names:
-    out[f'grads/{name}'] = jnp.concatenate([
-        x.ravel() for x in jax.tree.leaves(
-            metrics_lib.layer_params(grads, name))])
-  acts = new_vars[layers.ACTIVATION_VALUES]
-  for name, _ in activation_sites:
-    out[f'activations/{name}'] = metrics_lib.layer_params(acts, name)[
-        'value']
-  return out
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The run's settings outside the sub-configs, validated."""
+  layer_stats: bool
+  probe_batch_size: int
+  checkpoint_keep: int
+  on_nonfinite: str
+  aux_loss_weight: float
 
 
-def probe_step(state: TrainState, batch) -> dict:
-  """The cost on a fixed probe batch with dropout switched off.
-
-  `probe/loss`: training mode (batch norm on the probe batch's statistics),
-  dropout off: the objective without dropout's noise, a function that stays
-  the same from step to step. With batch norm also `probe/eval_mode_loss`
-  (moving averages, as in inference) and `probe/bn_train_eval_gap`, the
-  eval-mode loss minus the training-mode one.
-  """
-
-  def without_dropout(next_fun, args, kwargs, context):
-    if (isinstance(context.module, nn.Dropout)
-        and context.method_name == '__call__'):
-      return args[0]  # The identity: keep probability 1.
-    return next_fun(*args, **kwargs)
-
-  variables = _variables(state, state.params)
-  with nn.intercept_methods(without_dropout):
-    if state.batch_stats:  # Updated statistics are thrown away.
-      logits, _ = state.apply_fn(variables, batch['image'], train=True,
-                                 mutable=['batch_stats'])
-    else:
-      logits = state.apply_fn(variables, batch['image'], train=True)
-  loss = metrics_lib.cross_entropy(logits, batch['label']).mean()
-  out = {'probe/loss': loss}
-  if state.batch_stats:
-    eval_logits = state.apply_fn(variables, batch['image'], train=False)
-    eval_loss = metrics_lib.cross_entropy(eval_logits, batch['label']).mean()
-    out['probe/eval_mode_loss'] = eval_loss
-    out['probe/bn_train_eval_gap'] = eval_loss - loss
-  return out
-
-
-def eval_step(state: TrainState, batch):
-  """Sums of loss and correct predictions over the unmasked examples."""
-  logits = state.apply_fn(_variables(state, state.params), batch['image'],
-                          train=False)
-  mask = batch['mask']
-  return {
-      'loss_sum': jnp.sum(metrics_lib.cross_entropy(logits, batch['label'])
-                          * mask),
-      'correct_sum': jnp.sum(metrics_lib.accuracy(logits, batch['label'])
-                             * mask),
-      'count': jnp.sum(mask),
-  }
-
-
-def evaluate(eval_fn, state, pipeline, batch_size, num_examples) -> dict:
-  totals = None
-  for batch in data_lib.prefetch(
-      pipeline.eval_batches(batch_size, num_examples), 2, jax.device_put):
-    out = eval_fn(state, batch)
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
-  return {'eval/loss': totals['loss_sum'] / totals['count'],
-          'eval/accuracy': totals['correct_sum'] / totals['count']}
-
-
-def _halt_if_diverged(first_bad, on_nonfinite, layer_names, sites,
-                      checkpoints, writer) -> None:
-  """Raises Diverged when a non-finite value was recorded and on_nonfinite
-  is 'halt'; the checkpoints on disk (all from before it) stay."""
-  if on_nonfinite != 'halt' or first_bad is None or first_bad[0] < 0:
-    return
-  writer.close()
-  steps = checkpoints.steps()
-  checkpoints.close()
-  plots.plot_run(writer.workdir)  # A diverged run is worth looking at.
-  kept = (f'the last good checkpoint is step {steps[-1]}' if steps
-          else 'no checkpoint had been written yet')
-  raise Diverged(
-      f'the run diverged: non-finite values at step {first_bad[0]} '
-      f'({_nonfinite_where(first_bad, layer_names, sites)}); stopped '
-      f'({kept}). Lower the learning rate, clip gradients '
-      '(optim.grad_clip_norm), or set on_nonfinite=skip')
+def validate_config(config, workdir: pathlib.Path) -> Options:
+  """Every check that needs no data: the run's own settings, the workdir,
+  the model's knobs, the optimiser and the step count. Raises ConfigError
+  naming the first problem."""
+  for field in ('log_every_steps', 'eval_every_steps',
+                'histogram_every_steps', 'checkpoint_every_steps'):
+    value = config.get(field, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ConfigError(f'{field}={value!r} is not allowed; it must be an '
+                        'integer >= 0 (0: ' + (
+                            'off)' if field.startswith('hist')
+                            else 'only at the end)'))
+  layer_stats = config.get('layer_stats', True)
+  if not isinstance(layer_stats, bool):
+    raise ConfigError(f'layer_stats={layer_stats!r} is not allowed; it must '
+                      'be True or False')
+  probe_size = config.get('probe_batch_size', 256)
+  check_positive('probe_batch_size', probe_size, integer=True)
+  checkpoint_keep = config.get('checkpoint_keep', 3)
+  check_positive('checkpoint_keep', checkpoint_keep, integer=True)
+  on_nonfinite = config.get('on_nonfinite', 'halt')
+  check_choice('on_nonfinite', on_nonfinite, ON_NONFINITE)
+  if not isinstance(config.seed, int):
+    raise ConfigError(f'seed={config.seed!r} is not allowed; it must be an '
+                      'integer')
+  aux_loss_weight = config.train.get('aux_loss_weight', 0.3)
+  if (not isinstance(aux_loss_weight, (int, float))
+      or isinstance(aux_loss_weight, bool) or not aux_loss_weight >= 0
+      or not math.isfinite(aux_loss_weight)):
+    raise ConfigError(f'train.aux_loss_weight={aux_loss_weight!r} is not '
+                      'allowed; it must be a number >= 0')
+  _check_workdir_writable(workdir)
+  # Model knobs and optimiser next: they need no data, and loading a
+  # dataset takes seconds.
+  model_cfg = config.model.to_dict()
+  models.create_model(**{**model_cfg, 'num_classes': 1 if model_cfg.get(
+      'num_classes') is None else model_cfg['num_classes']})
+  optim.make_optimizer(**config.optim, num_steps=1)
+  check_positive('train.batch_size', config.train.batch_size, integer=True)
+  if config.train.get('num_steps') is not None:
+    check_positive('train.num_steps', config.train.num_steps, integer=True)
+  return Options(layer_stats=layer_stats, probe_batch_size=probe_size,
+                 checkpoint_keep=checkpoint_keep, on_nonfinite=on_nonfinite,
+                 aux_loss_weight=aux_loss_weight)
 
 
 def _check_workdir_writable(workdir: pathlib.Path) -> None:
@@ -306,6 +174,155 @@ def _check_workdir_writable(workdir: pathlib.Path) -> None:
   if not os.access(existing, os.W_OK | os.X_OK):
     raise ConfigError(f'cannot write the workdir {workdir}: {existing} is '
                       'not writable')
+
+
+
+def default_workdir(config) -> pathlib.Path:
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  return pathlib.Path('runs') / f'{config.name}-{stamp}'
+
+
+def _check_train_config(train_cfg, num_train_examples: int) -> int:
+  """Validates config.train; returns the number of steps to run."""
+  check_positive('train.batch_size', train_cfg.batch_size, integer=True)
+  if train_cfg.batch_size > num_train_examples:
+    raise ConfigError(
+        f'train.batch_size={train_cfg.batch_size} is larger than the '
+        f'training split ({num_train_examples} examples)')
+  if train_cfg.get('num_steps') is not None:
+    check_positive('train.num_steps', train_cfg.num_steps, integer=True)
+    return train_cfg.num_steps
+  if train_cfg.get('num_epochs') is None:
+    raise ConfigError('set train.num_steps or train.num_epochs')
+  check_positive('train.num_epochs', train_cfg.num_epochs)
+  return steps_from_epochs(train_cfg.num_epochs, num_train_examples,
+                           train_cfg.batch_size)
+
+
+def steps_from_epochs(num_epochs: float, num_examples: int,
+                      batch_size: int) -> int:
+  """The one place that turns epochs into steps (last partial batch dropped)."""
+  return max(1, int(num_epochs * (num_examples // batch_size)))
+
+
+# --- build_run ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """Which steps log a line, evaluate, checkpoint and write histograms.
+  Every `*_every` of 0 in the config means only the last step (histograms:
+  never)."""
+  num_steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  histogram_every: int
+
+  @classmethod
+  def from_config(cls, config, num_steps: int) -> 'Cadence':
+    return cls(num_steps=num_steps,
+               log_every=config.get('log_every_steps', 0) or num_steps,
+               eval_every=config.get('eval_every_steps', 0) or num_steps,
+               checkpoint_every=(config.get('checkpoint_every_steps', 0)
+                                 or num_steps),
+               histogram_every=config.get('histogram_every_steps', 0))
+
+  def logs(self, step: int) -> bool:
+    return step % self.log_every == 0 or step == self.num_steps
+
+  def evaluates(self, step: int) -> bool:
+    return step % self.eval_every == 0 or step == self.num_steps
+
+  def checkpoints(self, step: int) -> bool:
+    return step % self.checkpoint_every == 0 or step == self.num_steps
+
+  def histograms(self, step: int) -> bool:
+    return bool(self.histogram_every) and (
+        step % self.histogram_every == 0 or step == 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What `build_run` makes of a config: everything the stages after it
+  need, but the train state."""
+  name: str
+  options: Options
+  cadence: Cadence
+  datasets: Any  # data.Datasets
+  model: nn.Module
+  num_steps: int
+  batch_size: int
+  eval_batch_size: int
+  eval_num_examples: int | None
+  seed: int
+  schedule: Callable  # The learning rate at a step.
+  dropout_key: jax.Array
+  probe_batch: dict
+  layer_names: tuple[str, ...]  # Parameterised layers, forward order.
+  sites: tuple[tuple[str, str], ...]  # (activation site, function).
+  bn_layers: tuple[tuple[str, float, float], ...]
+  resolved: dict  # The config as config.json holds it.
+
+
+def build_run(config, options: Options) -> tuple[Run, steps_lib.TrainState]:
+  """The dataset, model and optimiser of `config`, the initial train state,
+  and the layer, site and batch-norm names the statistics are keyed by."""
+  datasets = data_lib.make_datasets(**config.data)
+  model_cfg = config.model.to_dict()
+  if model_cfg.get('num_classes') is None:
+    model_cfg['num_classes'] = datasets.num_classes
+  model = models.create_model(**model_cfg)
+  num_steps = _check_train_config(config.train, len(datasets.train))
+  tx, schedule = optim.make_optimizer(**config.optim, num_steps=num_steps)
+
+  init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+  state = steps_lib.create_train_state(model, tx, datasets.image_shape,
+                                       init_key)
+  sample = (model, {'params': state.params, 'batch_stats': state.batch_stats},
+            jnp.zeros((1, *datasets.image_shape), jnp.float32))
+  resolved = config.to_dict()
+  resolved['model']['num_classes'] = model_cfg['num_classes']
+  run = Run(
+      name=config.name, options=options,
+      cadence=Cadence.from_config(config, num_steps), datasets=datasets,
+      model=model, num_steps=num_steps, batch_size=config.train.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      eval_num_examples=config.get('eval_num_examples'), seed=config.seed,
+      schedule=schedule, dropout_key=dropout_key,
+      probe_batch=jax.device_put(
+          datasets.train.fixed_batch(options.probe_batch_size)),
+      layer_names=tuple(metrics_lib.layer_order(*sample)),
+      sites=tuple(metrics_lib.activation_sites(*sample)),
+      bn_layers=tuple(metrics_lib.batch_norm_layers(*sample)),
+      resolved=resolved)
+  return run, state
+
+
+# --- prepare_workdir ---
+
+
+def prepare_workdir(workdir: pathlib.Path, run: Run,
+                    state: steps_lib.TrainState, overwrite: bool) -> bool:
+  """Creates the workdir and writes the run's description into it (config,
+  layers, activation sites); True when it holds this run to resume."""
+  resume = _check_existing_run(workdir, run.resolved, overwrite)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'plots').mkdir(exist_ok=True)
+  writers.write_json_atomic(workdir / 'config.json', run.resolved)
+  writers.write_json_atomic(workdir / 'layers.json', [
+      {'name': name, 'kind': _layer_kind(name, state.params),
+       'num_params': int(sum(x.size for x in jax.tree.leaves(
+           metrics_lib.layer_params(state.params, name))))}
+      for name in run.layer_names])
+  writers.write_json_atomic(workdir / 'activations.json', [
+      {'name': name, 'activation': kind} for name, kind in run.sites])
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f'{run.name}: {run.resolved["model"]["name"]} with {num_params:,} '
+        f'parameters, {run.datasets.name} {run.datasets.image_shape}, '
+        f'{run.num_steps} steps of batch {run.batch_size}; workdir '
+        f'{workdir}', flush=True)
+  return resume
 
 
 def _check_existing_run(workdir: pathlib.Path, resolved: dict,
@@ -346,12 +363,6 @@ def _check_existing_run(workdir: pathlib.Path, resolved: dict,
   return False
 
 
-# Everything a run writes into its workdir (--overwrite deletes these).
-RUN_FILES = ('config.json', 'layers.json', 'activations.json',
-             'metrics.jsonl', 'tensorboard', 'plots', 'checkpoints',
-             'checkpoints_damaged')
-
-
 def _differing_fields(old, new, prefix='') -> list[tuple[str, Any, Any]]:
   if not (isinstance(old, dict) and isinstance(new, dict)):
     return [] if old == new else [(prefix.rstrip('.'), old, new)]
@@ -360,6 +371,241 @@ def _differing_fields(old, new, prefix='') -> list[tuple[str, Any, Any]]:
     out += _differing_fields(old.get(key, '<absent>'),
                              new.get(key, '<absent>'), f'{prefix}{key}.')
   return out
+
+
+def _layer_kind(name: str, params) -> str:
+  leaves = metrics_lib.layer_params(params, name)
+  if 'kernel' in leaves:
+    return 'conv' if leaves['kernel'].ndim == 4 else 'dense'
+  if 'scale' in leaves:
+    return 'norm'
+  return 'other'
+
+
+# --- restore ---
+
+
+def restore(workdir: pathlib.Path, state: steps_lib.TrainState, resume: bool,
+            options: Options):
+  """(state, start step, checkpoints): the latest complete checkpoint's
+  state when resuming, and the metric lines up to its step kept (later
+  ones were written after it and will be written again)."""
+  checkpoints = checkpoints_lib.Checkpoints(
+      workdir, keep=options.checkpoint_keep)
+  if not resume:
+    return state, 0, checkpoints
+  state, start = checkpoints.restore_latest(state)
+  kept = writers.truncate_metrics(workdir, start)
+  if start:
+    print(f'  resumed from the checkpoint of step {start} '
+          f'({kept} metric lines kept)', flush=True)
+  else:
+    print(f'  no complete checkpoint in {workdir}: starting from step 0',
+          flush=True)
+  return state, start, checkpoints
+
+
+def _last_evaluation(workdir: pathlib.Path) -> dict:
+  """The eval/* metrics of a finished run's last evaluation line."""
+  lines = [l for l in writers.read_metrics(workdir) if 'eval/loss' in l]
+  return {k: float(v) for k, v in lines[-1].items()
+          if k.startswith('eval/')} if lines else {}
+
+
+def metric_keys(run: Run) -> list[str]:
+  """The order of the keys in a metrics line."""
+  return ['train/loss', 'train/aux_loss', 'train/accuracy',
+          'train/learning_rate', 'probe/loss', 'probe/eval_mode_loss',
+          'probe/bn_train_eval_gap', 'eval/loss', 'eval/accuracy',
+          'nonfinite/first_step', 'nonfinite/first_activation',
+          'nonfinite/first_grad_layer', 'grad_norm/global'] + [
+              f'{stat}/{n}' for stat in metrics_lib.LAYER_STATS
+              for n in run.layer_names] + [
+              f'{stat}/{n}' for stat in metrics_lib.ACTIVATION_STATS
+              for n, _ in run.sites] + [
+              f'{stat}/{n}' for stat in metrics_lib.BN_STATS
+              for n in run.layer_names]
+
+
+# --- compile_steps ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """A run's jitted steps. `train` holds the compiled train step with
+  statistics (True) and, in a run with MIN_UNLOGGED_STEPS unlogged steps or
+  more, without them (False), which those steps run; both update the state
+  alike."""
+  train: dict[bool, Callable]
+  histogram: Callable
+  probe: Callable
+  eval: Callable
+
+  def train_step(self, step: int, cadence: Cadence) -> Callable:
+    """The version of the train step that `step` runs."""
+    if len(self.train) == 1:
+      (only,) = self.train.values()
+      return only
+    return self.train[cadence.logs(step)]
+
+
+def compile_steps(run: Run, state, batch, t_begin: float) -> Steps:
+  """Jits the steps, and compiles the train step(s) and the probe here, so
+  that the first logged rate is the steps' own."""
+  names = dict(layer_names=run.layer_names, activation_sites=run.sites)
+  layer_stats = run.options.layer_stats
+
+  def jit_train_step(with_stats: bool):
+    step_fn = functools.partial(
+        steps_lib.train_step, **names, bn_layers=run.bn_layers,
+        schedule=run.schedule, aux_loss_weight=run.options.aux_loss_weight,
+        layer_stats=with_stats,
+        skip_nonfinite=run.options.on_nonfinite == 'skip')
+    step_fn.__name__ = 'train_step_with_stats' if with_stats else 'train_step'
+    return jax.jit(step_fn, donate_argnums=(0,))
+
+  probe = jax.jit(steps_lib.probe_step)
+  jax.block_until_ready(probe(state, run.probe_batch))
+  # Counted over the whole run, not from the resumed step: a resumed run
+  # takes the same version at every step as the uninterrupted one, so it
+  # stays exact.
+  unlogged = sum(not run.cadence.logs(step)
+                 for step in range(1, run.num_steps + 1))
+  split = layer_stats and unlogged >= MIN_UNLOGGED_STEPS
+  train = {v: jit_train_step(v).lower(state, batch, run.dropout_key).compile()
+           for v in ({True, False} if split else {layer_stats})}
+  which = ' (with and without statistics)' if split else ''
+  print(f'  compiled the train step{which} and the probe in '
+        f'{time.perf_counter() - t_begin:.1f}s', flush=True)
+  return Steps(
+      train=train,
+      histogram=jax.jit(functools.partial(
+          steps_lib.histogram_step, **names,
+          aux_loss_weight=run.options.aux_loss_weight)),
+      probe=probe, eval=jax.jit(steps_lib.eval_step))
+
+
+# --- train_loop ---
+
+
+@dataclasses.dataclass
+class Outputs:
+  """The run's open files: metric lines (and TensorBoard), checkpoints."""
+  writer: writers.MetricsWriter
+  checkpoints: checkpoints_lib.Checkpoints
+
+  def close(self) -> None:
+    self.writer.close()
+    self.checkpoints.close()
+
+
+def train_loop(run: Run, steps: Steps, state, start: int, batches,
+               outputs: Outputs) -> dict:
+  """Steps `start + 1` to the last; returns the last evaluation's metrics.
+  Raises Diverged (outputs closed) when the run diverged under 'halt'."""
+  cadence = run.cadence
+  progress = Progress(run.num_steps, run.batch_size)
+  reported = any('nonfinite/first_step' in line
+                 for line in writers.read_metrics(outputs.writer.workdir))
+  eval_result = {}
+  for step, batch in zip(range(start + 1, run.num_steps + 1), batches):
+    if cadence.histograms(step):
+      # Before the step, on its batch: the gradients it is about to apply.
+      outputs.writer.write_histograms(step, jax.device_get(
+          steps.histogram(state, batch, run.dropout_key)))
+    state, scalars = steps.train_step(step, cadence)(state, batch,
+                                                     run.dropout_key)
+    if step == start + 1:  # Rates from here: step 1 compiled histograms.
+      progress.start(state, step)
+    if cadence.logs(step):
+      reported = log_step(run, steps, state, step, scalars, outputs,
+                          progress, reported)
+    if cadence.evaluates(step):
+      eval_result = evaluate(steps.eval, state, run.datasets.test,
+                             run.eval_batch_size, run.eval_num_examples)
+      outputs.writer.write(step, eval_result)
+      print(f'  eval at step {step}: loss {eval_result["eval/loss"]:.4f}  '
+            f'accuracy {eval_result["eval/accuracy"]:.4f}', flush=True)
+    if cadence.checkpoints(step):
+      # Never save a diverged state: halt first, keeping the last good one.
+      _halt_if_diverged(run, jax.device_get(state.first_nonfinite), outputs)
+      outputs.writer.flush()  # Every line of this step is on disk before it.
+      outputs.checkpoints.save(state)
+  return eval_result
+
+
+def log_step(run: Run, steps: Steps, state, step: int, scalars, outputs,
+             progress: 'Progress', reported: bool) -> bool:
+  """Writes the step's line (its scalars and the probe's), prints progress,
+  and halts a diverged run; returns whether the first non-finite step has
+  been reported (it is, once, on the first line after it)."""
+  scalars = jax.device_get({**scalars, **steps.probe(state, run.probe_batch)})
+  first_bad = jax.device_get(state.first_nonfinite)
+  if first_bad[0] >= 0 and not reported:
+    reported = True
+    scalars.update(_nonfinite_report(first_bad, run.layer_names, run.sites))
+  line = outputs.writer.write(step, scalars)
+  _halt_if_diverged(run, first_bad, outputs)
+  print(progress.line(step, line), flush=True)
+  return reported
+
+
+class Progress:
+  """Steps per second and the time left, measured between logged steps."""
+
+  def __init__(self, num_steps: int, batch_size: int):
+    self.num_steps, self.batch_size = num_steps, batch_size
+    self.t_last, self.step_last = time.perf_counter(), 0
+
+  def start(self, state, step: int) -> None:
+    jax.block_until_ready(state)
+    self.t_last, self.step_last = time.perf_counter(), step
+
+  def line(self, step: int, line: dict) -> str:
+    now = time.perf_counter()
+    rate = ((step - self.step_last) / max(now - self.t_last, 1e-9)
+            if step > self.step_last else 0)
+    self.t_last, self.step_last = now, step
+    eta = (self.num_steps - step) / rate if rate else 0
+    return (f'  step {step:>{len(str(self.num_steps))}}/{self.num_steps}  '
+            f'loss {_fmt(line["train/loss"])}  '
+            f'acc {_fmt(line["train/accuracy"], 3)}'
+            f'  probe loss {_fmt(line["probe/loss"])}'
+            f'  | {rate:.2f} steps/s {rate * self.batch_size:.0f} img/s  '
+            f'eta {_format_duration(eta)}')
+
+
+def evaluate(eval_fn, state, pipeline, batch_size, num_examples) -> dict:
+  """Loss and accuracy over the first `num_examples` test examples (all
+  when None)."""
+  totals = None
+  for batch in data_lib.prefetch(
+      pipeline.eval_batches(batch_size, num_examples), 2, jax.device_put):
+    out = eval_fn(state, batch)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  return {'eval/loss': totals['loss_sum'] / totals['count'],
+          'eval/accuracy': totals['correct_sum'] / totals['count']}
+
+
+def _halt_if_diverged(run: Run, first_bad, outputs: Outputs) -> None:
+  """Raises Diverged when a non-finite value was recorded and on_nonfinite
+  is 'halt', after closing the files and drawing the plots; the
+  checkpoints on disk (all from before it) stay."""
+  if (run.options.on_nonfinite != 'halt' or first_bad is None
+      or first_bad[0] < 0):
+    return
+  outputs.writer.close()
+  steps = outputs.checkpoints.steps()
+  outputs.checkpoints.close()
+  plots.plot_run(outputs.writer.workdir)  # A diverged run is worth a look.
+  kept = (f'the last good checkpoint is step {steps[-1]}' if steps
+          else 'no checkpoint had been written yet')
+  raise Diverged(
+      f'the run diverged: non-finite values at step {first_bad[0]} '
+      f'({_nonfinite_where(first_bad, run.layer_names, run.sites)}); '
+      f'stopped ({kept}). Lower the learning rate, clip gradients '
+      '(optim.grad_clip_norm), or set on_nonfinite=skip')
 
 
 def _nonfinite_report(first_bad, layer_names, sites) -> dict:
@@ -399,272 +645,14 @@ def _format_duration(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
-def default_workdir(config) -> pathlib.Path:
-  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-  return pathlib.Path('runs') / f'{config.name}-{stamp}'
+# --- finish ---
 
 
-def _check_train_config(train_cfg, num_train_examples: int) -> int:
-  """Validates config.train; returns the number of steps to run."""
-  check_positive('train.batch_size', train_cfg.batch_size, integer=True)
-  if train_cfg.batch_size > num_train_examples:
-    raise ConfigError(
-        f'train.batch_size={train_cfg.batch_size} is larger than the '
-        f'training split ({num_train_examples} examples)')
-  if train_cfg.get('num_steps') is not None:
-    check_positive('train.num_steps', train_cfg.num_steps, integer=True)
-    return train_cfg.num_steps
-  if train_cfg.get('num_epochs') is None:
-    raise ConfigError('set train.num_steps or train.num_epochs')
-  check_positive('train.num_epochs', train_cfg.num_epochs)
-  return steps_from_epochs(train_cfg.num_epochs, num_train_examples,
-                           train_cfg.batch_size)
-
-
-ON_NONFINITE = ('halt', 'skip')
-
-
-class Diverged(Exception):
-  """The loss or a gradient became non-finite under on_nonfinite='halt'."""
-
-
-# A run with at least this many unlogged steps runs them
-# without per-layer statistics, in a second compiled version of the step.
-# Statistics make a step 1.05-1.29x slower on the CPU and 1.14-1.64x on a
-# GPU (`python -m cnn_lab.bench`); the second compilation pays for itself
-# after ~100-700 unlogged steps on the CPU (ResNet-20 to LeNet-5) and
-# ~3,200-21,000 on an H200 (ResNet-50 float32 to VGG16-BN bfloat16).
-MIN_UNLOGGED_STEPS = 1000
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str | pathlib.Path | None,
-                       overwrite: bool = False) -> dict:
-  """Trains `config` into `workdir`; returns the final evaluation metrics.
-
-  A workdir that already holds a run of the same config is resumed from its
-  latest complete checkpoint (a finished run is left as it is); one that
-  holds another config is refused, unless `overwrite` deletes that run.
-  Raises ConfigError for an invalid config, Diverged when on_nonfinite is
-  'halt' and the run diverged.
-  """
-  # --- Validate and build everything before touching the filesystem. ---
-  for field in ('log_every_steps', 'eval_every_steps',
-                'histogram_every_steps', 'checkpoint_every_steps'):
-    value = config.get(field, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-      raise ConfigError(f'{field}={value!r} is not allowed; it must be an '
-                        'integer >= 0 (0: ' + (
-                            'off)' if field.startswith('hist')
-                            else 'only at the end)'))
-  layer_stats = config.get('layer_stats', True)
-  if not isinstance(layer_stats, bool):
-    raise ConfigError(f'layer_stats={layer_stats!r} is not allowed; it must '
-                      'be True or False')
-  probe_size = config.get('probe_batch_size', 256)
-  check_positive('probe_batch_size', probe_size, integer=True)
-  checkpoint_keep = config.get('checkpoint_keep', 3)
-  check_positive('checkpoint_keep', checkpoint_keep, integer=True)
-  on_nonfinite = config.get('on_nonfinite', 'halt')
-  check_choice('on_nonfinite', on_nonfinite, ON_NONFINITE)
-  if not isinstance(config.seed, int):
-    raise ConfigError(f'seed={config.seed!r} is not allowed; it must be an '
-                      'integer')
-  aux_loss_weight = config.train.get('aux_loss_weight', 0.3)
-  if (not isinstance(aux_loss_weight, (int, float))
-      or isinstance(aux_loss_weight, bool) or not aux_loss_weight >= 0
-      or not math.isfinite(aux_loss_weight)):
-    raise ConfigError(f'train.aux_loss_weight={aux_loss_weight!r} is not '
-                      'allowed; it must be a number >= 0')
-  workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
-  _check_workdir_writable(workdir)
-  # Model knobs and optimiser first: they need no data, and loading a
-  # dataset takes seconds.
-  model_cfg = config.model.to_dict()
-  models.create_model(**{**model_cfg, 'num_classes': 1 if model_cfg.get(
-      'num_classes') is None else model_cfg['num_classes']})
-  optim.make_optimizer(**config.optim, num_steps=1)
-  check_positive('train.batch_size', config.train.batch_size, integer=True)
-  if config.train.get('num_steps') is not None:
-    check_positive('train.num_steps', config.train.num_steps, integer=True)
-
-  datasets = data_lib.make_datasets(**config.data)
-  if model_cfg.get('num_classes') is None:
-    model_cfg['num_classes'] = datasets.num_classes
-  model = models.create_model(**model_cfg)
-  num_steps = _check_train_config(config.train, len(datasets.train))
-  tx, schedule = optim.make_optimizer(**config.optim, num_steps=num_steps)
-  batch_size = config.train.batch_size
-
-  init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-  state = create_train_state(model, tx, datasets.image_shape, init_key)
-  sample = (model, {'params': state.params, 'batch_stats': state.batch_stats},
-            jnp.zeros((1, *datasets.image_shape), jnp.float32))
-  layer_names = metrics_lib.layer_order(*sample)
-  sites = tuple(metrics_lib.activation_sites(*sample))
-  bn_layers = tuple(metrics_lib.batch_norm_layers(*sample))
-  probe_batch = jax.device_put(datasets.train.fixed_batch(probe_size))
-
-  resolved = config.to_dict()
-  resolved['model']['num_classes'] = model_cfg['num_classes']
-  resume = _check_existing_run(workdir, resolved, overwrite)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'plots').mkdir(exist_ok=True)
-  writers.write_json_atomic(workdir / 'config.json', resolved)
-  writers.write_json_atomic(workdir / 'layers.json', [
-      {'name': name, 'kind': _layer_kind(name, state.params),
-       'num_params': int(sum(x.size for x in jax.tree.leaves(
-           metrics_lib.layer_params(state.params, name))))}
-      for name in layer_names])
-  writers.write_json_atomic(workdir / 'activations.json', [
-      {'name': name, 'activation': kind} for name, kind in sites])
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f'{config.name}: {model_cfg["name"]} with {num_params:,} parameters, '
-        f'{datasets.name} {datasets.image_shape}, {num_steps} steps of '
-        f'batch {batch_size}; workdir {workdir}', flush=True)
-
-  # --- Resume: the latest complete checkpoint, and the metric lines up to
-  # its step (later ones were written after it and will be written again).
-  checkpoints = checkpoints_lib.Checkpoints(workdir, keep=checkpoint_keep)
-  start = 0
-  if resume:
-    state, start = checkpoints.restore_latest(state)
-    kept = writers.truncate_metrics(workdir, start)
-    if start:
-      print(f'  resumed from the checkpoint of step {start} '
-            f'({kept} metric lines kept)', flush=True)
-    else:
-      print(f'  no complete checkpoint in {workdir}: starting from step 0',
-            flush=True)
-    if start >= num_steps:
-      checkpoints.close()
-      print(f'  the run was already complete ({num_steps} steps)',
-            flush=True)
-      lines = [l for l in writers.read_metrics(workdir) if 'eval/loss' in l]
-      return {k: float(v) for k, v in lines[-1].items()
-              if k.startswith('eval/')} if lines else {}
-
-  key_order = ['train/loss', 'train/aux_loss', 'train/accuracy',
-               'train/learning_rate', 'probe/loss', 'probe/eval_mode_loss',
-               'probe/bn_train_eval_gap', 'eval/loss', 'eval/accuracy',
-               'nonfinite/first_step', 'nonfinite/first_activation',
-               'nonfinite/first_grad_layer',
-               'grad_norm/global'] + [
-                   f'{stat}/{n}' for stat in metrics_lib.LAYER_STATS
-                   for n in layer_names] + [
-                   f'{stat}/{n}' for stat in metrics_lib.ACTIVATION_STATS
-                   for n, _ in sites] + [
-                   f'{stat}/{n}' for stat in metrics_lib.BN_STATS
-                   for n in layer_names]
-  writer = writers.MetricsWriter(workdir, key_order)
-
-  # --- Compile the steps. ---
-  names = dict(layer_names=tuple(layer_names), activation_sites=sites)
-
-  def jit_train_step(with_stats: bool):
-    step_fn = functools.partial(
-        train_step, **names, bn_layers=bn_layers, schedule=schedule,
-        aux_loss_weight=aux_loss_weight, layer_stats=with_stats,
-        skip_nonfinite=on_nonfinite == 'skip')
-    step_fn.__name__ = 'train_step_with_stats' if with_stats else 'train_step'
-    return jax.jit(step_fn, donate_argnums=(0,))
-
-  p_histogram_step = jax.jit(functools.partial(
-      histogram_step, **names, aux_loss_weight=aux_loss_weight))
-  p_probe_step = jax.jit(probe_step)
-  p_eval_step = jax.jit(eval_step)
-
-  # --- Train. ---
-  batches = data_lib.prefetch(
-      datasets.train.train_batches(batch_size, config.seed,
-                                   start_step=start),
-      size=3, transform=jax.device_put)
-  log_every = config.log_every_steps or num_steps
-  eval_every = config.eval_every_steps or num_steps
-  histogram_every = config.get('histogram_every_steps', 0)
-  checkpoint_every = config.get('checkpoint_every_steps', 0) or num_steps
-  nonfinite_reported = any('nonfinite/first_step' in l
-                           for l in writers.read_metrics(workdir))
-  eval_result = {}
-  logged = lambda step: step % log_every == 0 or step == num_steps
-  # Per-layer statistics are written on logged steps only. In a long run
-  # the steps in between run a second version of the step without them
-  # (it updates the state alike); see MIN_UNLOGGED_STEPS. Both compile
-  # here with the probe, so that the first logged rate is the steps' own.
-  t_begin = time.perf_counter()
-  batch = next(batches)
-  jax.block_until_ready(p_probe_step(state, probe_batch))
-  # Counted over the whole run, not from `start`: a resumed run takes the
-  # same version at every step as the uninterrupted one, so it stays exact.
-  unlogged = sum(not logged(step) for step in range(1, num_steps + 1))
-  split = layer_stats and unlogged >= MIN_UNLOGGED_STEPS
-  with_stats = lambda step: layer_stats and (logged(step) or not split)
-  compiled = {v: jit_train_step(v).lower(state, batch, dropout_key).compile()
-              for v in ({True, False} if split else {layer_stats})}
-  which = ' (with and without statistics)' if split else ''
-  print(f'  compiled the train step{which} and the probe in '
-        f'{time.perf_counter() - t_begin:.1f}s', flush=True)
-  for step in range(start + 1, num_steps + 1):
-    if step > start + 1:
-      batch = next(batches)
-    if histogram_every and (step % histogram_every == 0 or step == 1):
-      # Before the step, on its batch: the gradients it is about to apply.
-      writer.write_histograms(step, jax.device_get(
-          p_histogram_step(state, batch, dropout_key)))
-    state, scalars = compiled[with_stats(step)](state, batch, dropout_key)
-    if step == start + 1:  # Rates from here: step 1 compiled histograms.
-      jax.block_until_ready(state)
-      t_last, step_last = time.perf_counter(), step
-    first_bad = None
-    if logged(step):
-      scalars = jax.device_get({**scalars, **p_probe_step(state, probe_batch)})
-      first_bad = jax.device_get(state.first_nonfinite)
-      if first_bad[0] >= 0 and not nonfinite_reported:
-        nonfinite_reported = True
-        scalars.update(_nonfinite_report(first_bad, layer_names, sites))
-      line = writer.write(step, scalars)
-      _halt_if_diverged(first_bad, on_nonfinite, layer_names, sites,
-                        checkpoints, writer)
-      now = time.perf_counter()
-      rate = ((step - step_last) / max(now - t_last, 1e-9)
-              if step > step_last else 0)
-      t_last, step_last = now, step
-      eta = (num_steps - step) / rate if rate else 0
-      print(f'  step {step:>{len(str(num_steps))}}/{num_steps}  '
-            f'loss {_fmt(line["train/loss"])}  '
-            f'acc {_fmt(line["train/accuracy"], 3)}'
-            f'  probe loss {_fmt(line["probe/loss"])}'
-            f'  | {rate:.2f} steps/s {rate * batch_size:.0f} img/s  '
-            f'eta {_format_duration(eta)}', flush=True)
-    if step % eval_every == 0 or step == num_steps:
-      eval_result = evaluate(p_eval_step, state, datasets.test,
-                             config.eval_batch_size,
-                             config.get('eval_num_examples'))
-      writer.write(step, eval_result)
-      print(f'  eval at step {step}: loss {eval_result["eval/loss"]:.4f}  '
-            f'accuracy {eval_result["eval/accuracy"]:.4f}', flush=True)
-    if step % checkpoint_every == 0 or step == num_steps:
-      # Never save a diverged state: halt first, keeping the last good one.
-      first_bad = jax.device_get(state.first_nonfinite)
-      _halt_if_diverged(first_bad, on_nonfinite, layer_names, sites,
-                        checkpoints, writer)
-      writer.flush()  # Every line of this step is on disk before it.
-      checkpoints.save(state)
-  writer.close()
-  checkpoints.close()
-
-  # --- Plots, from the files just written. ---
+def finish(outputs: Outputs, t_begin: float) -> None:
+  """Closes the files and draws the run's plots from them."""
+  outputs.close()
+  workdir = outputs.writer.workdir
   plot_paths = plots.plot_run(workdir)
   print(f'done in {_format_duration(time.perf_counter() - t_begin)}: '
         f'metrics {workdir / "metrics.jsonl"}, {len(plot_paths)} plots in '
         f'{workdir / "plots"}', flush=True)
-  return {k: float(v) for k, v in eval_result.items()}
-
-
-def _layer_kind(name: str, params) -> str:
-  leaves = metrics_lib.layer_params(params, name)
-  if 'kernel' in leaves:
-    return 'conv' if leaves['kernel'].ndim == 4 else 'dense'
-  if 'scale' in leaves:
-    return 'norm'
-  return 'other'

@@ -6,9 +6,9 @@ for whole training steps.
       [--rounds=5] [--reps=4] [--min_seconds=0.2] [--no-steps] [--no-shapes]
 
 Part 1, per shape: every distinct convolution of the model (found by
-tracing it), at the batch size, for each impl of `cnn_lab.layers.conv2d`
+tracing it), at the batch size, for each impl of `cnn_lab.kernels.conv2d`
 ('fast' is what 'auto' takes on a CPU; a path triple forward/dx/dw, e.g.
-xla/xla/matmul, runs `layers.conv_paths`): the forward pass, forward +
+xla/xla/matmul, runs `kernels.select.conv_paths`): the forward pass, forward +
 input gradient (dx), and forward + dx + kernel gradient (dw), in GFLOP/s
 of the dense count 2*N*Ho*Wo*kh*kw*ci*co per product (fwd+dx counts 2
 products, fwd+dx+dw 3), and the paths that 'auto' takes on this backend.
@@ -25,7 +25,7 @@ dw transposes its input, and in a step it re-runs the batch norm, ReLU
 and residual sums that produced it inside that transpose): part 2 is the
 measure that counts.
 
-Part 2, whole steps: `cnn_lab.train.train_step` (SGD with momentum, batch
+Part 2, whole steps: `cnn_lab.steps.train_step` (SGD with momentum, batch
 norm in training mode, `layer_stats=False`) of each model's config at the
 batch size, on a fixed synthetic batch, with `model.conv_impl` = 'auto'
 as now, the previous 'auto' (im2col for inputs of at most 64 channels,
@@ -52,9 +52,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 
-from cnn_lab import layers, metrics, models, optim, train  # noqa: E402
+from cnn_lab import kernels, metrics, models, optim  # noqa: E402
+from cnn_lab import steps as steps_lib  # noqa: E402
+from cnn_lab.kernels import select  # noqa: E402
+from cnn_lab.kernels.geometry import conv_geometry  # noqa: E402
 
 # Benchmark name: (config module, input shape HWC).
 MODELS = {
@@ -77,11 +79,11 @@ def conv_shapes(name: str, batch_size: int) -> list[tuple]:
   """The distinct (x shape, kernel shape, strides, padding) of the model's
   convolutions, in order, found by tracing it."""
   found = []
-  conv2d = layers.conv2d
+  conv2d = kernels.conv2d
 
   def record(x, kernel, strides=(1, 1), padding='SAME', impl='auto'):
-    pads, _ = layers.conv_geometry(x.shape[1:3], kernel.shape[:2],
-                                   tuple(strides), padding)
+    pads, _ = conv_geometry(x.shape[1:3], kernel.shape[:2], tuple(strides),
+                            padding)
     key = (x.shape, kernel.shape, tuple(strides), pads)
     if key not in found:
       found.append(key)
@@ -89,7 +91,7 @@ def conv_shapes(name: str, batch_size: int) -> list[tuple]:
 
   _, model = create_model(name, 'xla')
   x = jnp.zeros((batch_size, *MODELS[name][1]))
-  with mock.patch.object(layers, 'conv2d', record):
+  with mock.patch.object(kernels, 'conv2d', record):
     jax.eval_shape(functools.partial(model.init, train=False),
                    jax.random.key(0), x)
   return found
@@ -99,8 +101,8 @@ def conv_fn(impl: str):
   """conv2d(x, kernel, strides, pads) for an impl name or forward/dx/dw."""
   if '/' in impl:
     paths = tuple(impl.split('/'))
-    return lambda x, k, s, p: layers.conv_paths(x, k, s, p, paths)
-  return lambda x, k, s, p: layers.conv2d(x, k, s, p, impl)
+    return lambda x, k, s, p: select.conv_paths(x, k, s, p, paths)
+  return lambda x, k, s, p: kernels.conv2d(x, k, s, p, impl)
 
 
 def make_timed(impl: str, stage: str, shape, reps: int):
@@ -149,8 +151,8 @@ def bench_shapes(name: str, batch_size: int, impls, rounds: int,
   backend = jax.default_backend()
   for shape in conv_shapes(name, batch_size):
     x_shape, k_shape, strides, pads = shape
-    _, (out_h, out_w) = layers.conv_geometry(x_shape[1:3], k_shape[:2],
-                                             strides, pads)
+    _, (out_h, out_w) = conv_geometry(x_shape[1:3], k_shape[:2], strides,
+                                      pads)
     kh, kw, ci, co = k_shape
     flops = 2 * x_shape[0] * out_h * out_w * kh * kw * ci * co
     keys = jax.random.split(jax.random.key(0), 3)
@@ -170,7 +172,7 @@ def bench_shapes(name: str, batch_size: int, impls, rounds: int,
     products = {'fwd': 1, 'dx': 2, 'dw': 3}
     gflops = {key: products[key[1]] * flops / statistics.median(t) / 1e9
               for key, t in times.items()}
-    auto = '/'.join(layers.select_conv_paths(backend, x_shape, k_shape,
+    auto = '/'.join(select.select_conv_paths(backend, x_shape, k_shape,
                                              strides, pads))
     pad = pads[0][0] if len(set(sum(pads, ()))) == 1 else pads
     label = (f'{x_shape[1]}x{x_shape[2]}x{ci}->{co} {kh}x{kw}/{strides[0]} '
@@ -188,12 +190,12 @@ def bench_shapes(name: str, batch_size: int, impls, rounds: int,
 def previous_auto():
   """conv2d with the routing of 'auto' before the custom-VJP paths: one
   impl per layer, differentiated by JAX."""
-  conv2d = layers.conv2d
+  conv2d = kernels.conv2d
 
   def old(x, kernel, strides=(1, 1), padding='SAME', impl='auto'):
     if impl == 'auto':
       kh, kw = kernel.shape[:2]
-      _, (out_h, out_w) = layers.conv_geometry(
+      _, (out_h, out_w) = conv_geometry(
           x.shape[1:3], (kh, kw), tuple(strides), padding)
       impl = 'xla'
       if kh * kw > 1 and out_h * out_w <= 15:
@@ -202,7 +204,7 @@ def previous_auto():
         impl = 'im2col'
     return conv2d(x, kernel, strides, padding, impl)
 
-  with mock.patch.object(layers, 'conv2d', old):
+  with mock.patch.object(kernels, 'conv2d', old):
     yield
 
 
@@ -213,7 +215,7 @@ def build_step(name: str, variant: str, batch_size: int):
   config, model = create_model(name, impl)
   shape = MODELS[name][1]
   tx, schedule = optim.make_optimizer(**config.optim, num_steps=1000)
-  state = train.create_train_state(model, tx, shape, jax.random.key(0))
+  state = steps_lib.create_train_state(model, tx, shape, jax.random.key(0))
   sample = (model, {'params': state.params, 'batch_stats': state.batch_stats},
             jnp.zeros((1, *shape)))
   rng = np.random.default_rng(0)
@@ -221,7 +223,7 @@ def build_step(name: str, variant: str, batch_size: int):
       'image': rng.normal(size=(batch_size, *shape)).astype(np.float32),
       'label': rng.integers(0, 10, batch_size).astype(np.int32)})
   step = jax.jit(functools.partial(
-      train.train_step, layer_names=tuple(metrics.layer_order(*sample)),
+      steps_lib.train_step, layer_names=tuple(metrics.layer_order(*sample)),
       schedule=schedule, layer_stats=False), donate_argnums=(0,))
   key = jax.random.key(1)
   with previous_auto() if variant == 'previous_auto' else (

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_lab import check, layers, metrics, train
+from cnn_lab import check, layers, metrics, steps, train
 from configs import lenet5_classic
 
 
@@ -64,7 +64,7 @@ class BNNet(nn.Module):
 
 
 def _tiny_state(model, tx=None):
-  state = train.create_train_state(model, tx or optax.sgd(0.1), (5,),
+  state = steps.create_train_state(model, tx or optax.sgd(0.1), (5,),
                                    jax.random.key(0))
   x = jnp.zeros((1, 5))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -99,7 +99,7 @@ def test_activation_and_bn_stats_in_the_train_step():
       batch_stats={'bn1': {'mean': jnp.asarray(run_mean, jnp.float32),
                            'var': jnp.asarray(run_var, jnp.float32)}})
   batch = _batch()
-  _, scalars = train.train_step(
+  _, scalars = steps.train_step(
       state, batch, jax.random.key(1), layer_names=names,
       activation_sites=sites, bn_layers=bn_layers,
       schedule=optax.constant_schedule(0.1))
@@ -149,7 +149,7 @@ class ForwardBlowUp(nn.Module):
 
 
 def _step_fn(names, sites, layer_stats=True):
-  return jax.jit(lambda s, b: train.train_step(
+  return jax.jit(lambda s, b: steps.train_step(
       s, b, jax.random.key(0), layer_names=names, activation_sites=sites,
       schedule=optax.constant_schedule(0.1), layer_stats=layer_stats))
 
@@ -203,7 +203,7 @@ def test_a_global_norm_overflow_counts_as_non_finite_at_no_origin():
   signs = np.sign(np.random.default_rng(0).normal(size=(4, 3)))
   params['fc3']['kernel'] = (1e20 * signs).astype(np.float32)
   state = state.replace(params=jax.tree.map(jnp.asarray, params))
-  step = jax.jit(lambda s, b: train.train_step(
+  step = jax.jit(lambda s, b: steps.train_step(
       s, b, jax.random.key(0), layer_names=names, activation_sites=sites,
       schedule=optax.constant_schedule(0.1), skip_nonfinite=True))
   new_state, scalars = step(state, _batch())
@@ -224,11 +224,11 @@ def test_probe_loss_is_deterministic_and_the_dropout_loss_is_not():
   model = BNNet(activation='relu', dropout_rate=0.5)
   state, names, sites = _tiny_state(model)
   batch = _batch(32)
-  probe = jax.jit(train.probe_step)
+  probe = jax.jit(steps.probe_step)
   first, second = probe(state, batch), probe(state, batch)
   assert first['probe/loss'] == second['probe/loss']
 
-  step = jax.jit(lambda s, k: train.train_step(
+  step = jax.jit(lambda s, k: steps.train_step(
       s, batch, k, layer_names=names, activation_sites=sites,
       schedule=optax.constant_schedule(0.1))[1]['train/loss'])
   noisy = {float(step(state, jax.random.key(k))) for k in range(3)}

@@ -11,7 +11,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from cnn_lab import plots
+from cnn_lab import runs as runs_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--config.train.num_steps=3', '--config.train.batch_size=8',
@@ -88,7 +88,7 @@ def test_compare_plot(two_runs, tmp_path):
   assert proc.returncode == 0, proc.stderr
   png = matplotlib.image.imread(out)
   assert png.shape[1] > 1000 and (png[..., :3] < 0.5).mean() > 0.005
-  labels = plots.run_labels([plots.RunFiles(nobn), plots.RunFiles(bn)])
+  labels = runs_lib.run_labels([runs_lib.RunFiles(nobn), runs_lib.RunFiles(bn)])
   assert labels == ['norm=none', 'norm=batch']
 
 

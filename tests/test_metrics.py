@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnn_lab import metrics, models, train
+from cnn_lab import metrics, models, steps
 
 
 class TwoLayer(nn.Module):
@@ -47,10 +47,10 @@ def test_train_step_grad_norms_match_hand_computation():
   x = rng.normal(size=(6, 5)).astype(np.float32)
   labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
   tx = optax.sgd(0.1)
-  state = train.create_train_state(model, tx, (5,), jax.random.key(0))
+  state = steps.create_train_state(model, tx, (5,), jax.random.key(0))
   names = metrics.layer_order(model, {'params': state.params}, x)
   params = jax.device_get(state.params)
-  _, scalars = train.train_step(
+  _, scalars = steps.train_step(
       state, {'image': jnp.asarray(x), 'label': jnp.asarray(labels)},
       jax.random.key(1), layer_names=tuple(names),
       schedule=optax.constant_schedule(0.1))
@@ -100,10 +100,10 @@ def test_layer_stats_and_update_ratio_under_sgd_momentum():
   x = rng.normal(size=(6, 5)).astype(np.float32)
   labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
   lr, mom = 0.5, 0.9
-  state = train.create_train_state(model, optax.sgd(lr, momentum=mom), (5,),
+  state = steps.create_train_state(model, optax.sgd(lr, momentum=mom), (5,),
                                    jax.random.key(0))
   batch = {'image': jnp.asarray(x), 'label': jnp.asarray(labels)}
-  step = jax.jit(lambda s: train.train_step(
+  step = jax.jit(lambda s: steps.train_step(
       s, batch, jax.random.key(1), layer_names=('zeta', 'alpha'),
       schedule=optax.constant_schedule(lr)))
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_lab import layers, metrics, models, optim, train
+from cnn_lab import layers, metrics, models, optim, steps
 from cnn_lab.errors import ConfigError
 
 # model name, knobs, input size: one tiny network per family, with its
@@ -93,7 +93,7 @@ def family_run(family: str, dtype: str) -> dict:
   name, knobs, size = FAMILIES[family]
   model = models.create_model(name=name, num_classes=10, dtype=dtype, **knobs)
   tx, _ = optim.make_optimizer(name='sgd', learning_rate=0.01, num_steps=1)
-  state = train.create_train_state(model, tx, (size, size, 1),
+  state = steps.create_train_state(model, tx, (size, size, 1),
                                    jax.random.key(1))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(BATCH, size, size, 1)), jnp.float32)
@@ -101,11 +101,11 @@ def family_run(family: str, dtype: str) -> dict:
 
   def run(state, images):
     batch = {'image': images, 'label': labels}
-    loss, aux_loss, logits, new_vars, grads = train._loss_and_grads(
+    loss, aux_loss, logits, new_vars, grads = steps._loss_and_grads(
         state, batch, jax.random.key(2), 0.3)
 
     def eval_loss(params):
-      logits = model.apply(train._variables(state, params), images,
+      logits = model.apply(steps._variables(state, params), images,
                            train=False)
       return metrics.cross_entropy(logits, labels).mean(), logits
 
@@ -191,7 +191,7 @@ def test_bfloat16_loss_and_gradients_float32_and_close(family):
 
 @pytest.mark.parametrize('family', ['alexnet', 'resnet20'])
 def test_bfloat16_train_steps_finite_with_float32_state(family):
-  """Three steps of cnn_lab.train.train_step with every statistic on:
+  """Three steps of cnn_lab.steps.train_step with every statistic on:
   finite float32 scalars, float32 parameters, optimiser state and batch
   statistics, and the batch statistics moved."""
   name, knobs, size = FAMILIES[family]
@@ -199,12 +199,12 @@ def test_bfloat16_train_steps_finite_with_float32_state(family):
                               **knobs)
   tx, schedule = optim.make_optimizer(name='sgd', learning_rate=0.01,
                                       num_steps=3)
-  state = train.create_train_state(model, tx, (size, size, 1),
+  state = steps.create_train_state(model, tx, (size, size, 1),
                                    jax.random.key(1))
   x = jnp.zeros((1, size, size, 1))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   step = jax.jit(functools.partial(
-      train.train_step, schedule=schedule,
+      steps.train_step, schedule=schedule,
       layer_names=tuple(metrics.layer_order(model, variables, x)),
       activation_sites=tuple(metrics.activation_sites(model, variables, x)),
       bn_layers=tuple(metrics.batch_norm_layers(model, variables, x))))

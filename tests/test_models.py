@@ -39,7 +39,7 @@ def init_shapes(model, input_shape, train=False):
 
 
 def init_variables(model, x):
-  """Initial variables, as training creates them (train.create_train_state
+  """Initial variables, as training creates them (steps.create_train_state
   compiles the initialisation with non-partitionable threefry)."""
   with jax.threefry_partitionable(False):
     return jax.jit(functools.partial(model.init, train=False))(
@@ -368,16 +368,16 @@ TINY = {
 def tiny_run(name):
   """A tiny model of family `name`, its jitted functions and one step (each
   compiled once per test session)."""
-  from cnn_lab import optim, train
+  from cnn_lab import optim, steps
   model = models.create_model(name=name, num_classes=10, **TINY[name])
   size = 28 if name == 'lenet5' else 32
   x = jax.random.normal(jax.random.key(0), (8, size, size, 1))
   batch = {'image': x, 'label': jnp.arange(8) % 10}
   tx, schedule = optim.make_optimizer(name='sgd', learning_rate=0.01,
                                       num_steps=1)
-  state = train.create_train_state(model, tx, (size, size, 1),
+  state = steps.create_train_state(model, tx, (size, size, 1),
                                    jax.random.key(1))
-  step = jax.jit(functools.partial(train.train_step, layer_names=(),
+  step = jax.jit(functools.partial(steps.train_step, layer_names=(),
                                    schedule=schedule, aux_loss_weight=0.3))
   new_state, scalars = step(state, batch, jax.random.key(4))
   return dict(

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from cnn_lab import plots, report
+from cnn_lab import runs as runs_lib
 from fake_runs import write_fake_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -112,13 +113,13 @@ def expected_figures(workdir) -> set[str]:
 
 def test_real_runs_log_what_the_figures_need(real_runs):
   for workdir in real_runs:
-    run = plots.RunFiles(workdir)
+    run = runs_lib.RunFiles(workdir)
     line = run.train_lines()[-1]
     assert (workdir / 'activations.json').exists()
     for key in ('probe/loss', 'act_mean/', 'act_std/', 'act_dead/',
                 'grad_mean_abs/', 'grad_max_abs/', 'update_ratio/'):
       assert any(k.startswith(key) for k in line), key
-  bn = plots.RunFiles(real_runs[1])
+  bn = runs_lib.RunFiles(real_runs[1])
   assert bn.bn_layers and bn.last('probe/bn_train_eval_gap') is not None
 
 
@@ -136,8 +137,8 @@ def test_plot_comparisons_on_shared_axes(real_runs, tmp_path):
   assert {p.stem for p in paths} == expected_figures(real_runs[1])
   for path in paths:
     assert_real_figure(path)
-  runs = [plots.RunFiles(w) for w in real_runs]
-  assert plots.differing_fields(runs) == ['model.norm']
+  runs = [runs_lib.RunFiles(w) for w in real_runs]
+  assert runs_lib.differing_fields(runs) == ['model.norm']
   assert plots.legend_labels(runs) == ['norm=none', 'norm=batch']
   # The heatmap has one panel per run: twice as wide as one run's.
   one = read_rgb(real_runs[0] / 'plots' / 'grad_heatmap.png')
@@ -194,7 +195,7 @@ def test_report_is_self_contained_with_every_figure(real_runs, real_report):
 
 def test_report_final_metrics_match_the_runs(real_runs, real_report):
   text = ' '.join(' '.join(parse_page(real_report).text).split())
-  runs = [plots.RunFiles(w) for w in real_runs]
+  runs = [runs_lib.RunFiles(w) for w in real_runs]
   rows = dict(report.final_metrics(runs))
   assert rows['steps run'] == ['6 of 6', '6 of 6']
   for key, title in (('eval/accuracy', 'eval accuracy (last)'),
@@ -217,7 +218,7 @@ def test_report_final_metrics_match_the_runs(real_runs, real_report):
 
 def drawn_figures(workdirs) -> set[str]:
   """The figures that have data for these runs (drawn, not saved)."""
-  runs = [plots.RunFiles(w) for w in workdirs]
+  runs = [runs_lib.RunFiles(w) for w in workdirs]
   names = set()
   for name, draw in plots.FIGURES.items():
     fig = draw(runs, plots.legend_labels(runs))
@@ -242,7 +243,7 @@ def test_heatmap_marks_nonfinite_and_zero_cells(fake_runs, tmp_path):
   """nan cells are magenta, exact zeros black; a clean run has neither."""
   heat = {}
   for key in ('tanh_bn', 'nan', 'relu'):
-    run = plots.RunFiles(fake_runs[key])
+    run = runs_lib.RunFiles(fake_runs[key])
     fig = plots.figure_grad_heatmap([run], [run.name])
     fig.savefig(tmp_path / f'{key}.png', dpi=plots.DPI)
     heat[key] = read_rgb(tmp_path / f'{key}.png')
@@ -254,11 +255,11 @@ def test_heatmap_marks_nonfinite_and_zero_cells(fake_runs, tmp_path):
 
 
 def test_merge_order_keeps_forward_order():
-  assert plots.merge_order([['a', 'b', 'd'], ['a', 'c', 'd', 'e']]) == [
+  assert runs_lib.merge_order([['a', 'b', 'd'], ['a', 'c', 'd', 'e']]) == [
       'a', 'b', 'c', 'd', 'e']
-  assert plots.merge_order([['x'], []]) == ['x']
+  assert runs_lib.merge_order([['x'], []]) == ['x']
   # ResNet against its plain twin: the shortcut sits where it belongs.
-  assert plots.merge_order([['c1', 'c2', 'fc'], ['c1', 'c2', 'sc', 'fc']]) \
+  assert runs_lib.merge_order([['c1', 'c2', 'fc'], ['c1', 'c2', 'sc', 'fc']]) \
       == ['c1', 'c2', 'sc', 'fc']
 
 

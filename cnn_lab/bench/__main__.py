@@ -40,7 +40,8 @@ if __name__ == '__main__':
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from cnn_lab import layers, malloc, onednn  # noqa: E402
+from cnn_lab import kernels, malloc  # noqa: E402
+from cnn_lab.kernels import onednn, select  # noqa: E402
 from cnn_lab.bench import suite  # noqa: E402
 from cnn_lab.errors import ArgumentParser  # noqa: E402
 
@@ -57,8 +58,7 @@ def parse_args(argv):
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'))
   parser.add_argument('--conv_impl', default=None,
-                      choices=('auto', 'fast', 'xla', 'shifted', 'im2col',
-                               'onednn'),
+                      choices=kernels.CONV_IMPLS,
                       help='override the configs\' model.conv_impl')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--min_seconds', type=float, default=1.0,
@@ -232,7 +232,7 @@ def _convolutions(args) -> str:
   if jax.default_backend() != 'cpu' and args.conv_impl != 'fast':
     return 'XLA\'s'
   if args.dtype == 'float32' and onednn.available():
-    return (f'oneDNN below {layers.ONEDNN_MAX_CHANNELS} channels, '
+    return (f'oneDNN below {select.ONEDNN_MAX_CHANNELS} channels, '
             'cnn_lab\'s paths above')
   why = 'bfloat16' if args.dtype != 'float32' else 'oneDNN not available'
   return f'cnn_lab\'s paths ({why})'

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_lab import metrics, models, optim, summary, train
+from cnn_lab import metrics, models, optim, summary
+from cnn_lab import steps as steps_lib
 
 # Benchmark name: (config module, input shape HWC, classes).
 MODELS = {
@@ -145,7 +146,7 @@ def build_flax(name: str, batch_size: int, dtype: str = 'float32',
     model_cfg['conv_impl'] = conv_impl
   model = models.create_model(**model_cfg)
   tx, schedule = optim.make_optimizer(**config.optim, num_steps=1000)
-  state = train.create_train_state(model, tx, shape, jax.random.key(0))
+  state = steps_lib.create_train_state(model, tx, shape, jax.random.key(0))
   sample = (model, {'params': state.params, 'batch_stats': state.batch_stats},
             jnp.zeros((1, *shape)))
   names = tuple(metrics.layer_order(*sample))
@@ -160,7 +161,7 @@ def build_flax(name: str, batch_size: int, dtype: str = 'float32',
   runs, compile_seconds, peak = {}, {}, {}
   for label, on in (('off', False), ('on', True)):
     step = jax.jit(functools.partial(
-        train.train_step, layer_names=names, activation_sites=sites,
+        steps_lib.train_step, layer_names=names, activation_sites=sites,
         bn_layers=bn_layers, schedule=schedule, layer_stats=on),
                    donate_argnums=(0,))
     t = time.perf_counter()
@@ -178,7 +179,7 @@ def build_flax(name: str, batch_size: int, dtype: str = 'float32',
   probe_batch = {k: jnp.concatenate([v] * math.ceil(256 / batch_size))[:256]
                  for k, v in batch.items()}
   t = time.perf_counter()
-  probe = jax.jit(train.probe_step).lower(state, probe_batch).compile()
+  probe = jax.jit(steps_lib.probe_step).lower(state, probe_batch).compile()
   compile_seconds['probe'] = time.perf_counter() - t
   runs['probe'] = lambda n: [
       jax.block_until_ready(probe(holder['state'], probe_batch))

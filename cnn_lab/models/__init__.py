@@ -13,7 +13,7 @@ import math
 
 import flax.linen as nn
 
-from cnn_lab import layers
+from cnn_lab import kernels, layers
 from cnn_lab.errors import ConfigError, check_choice, check_positive
 from cnn_lab.models import alexnet, googlenet, lenet, nin, resnet, vgg
 
@@ -100,7 +100,7 @@ def create_model(*, name: str, **knobs) -> nn.Module:
   check_choice('model.activation', values['activation'],
                tuple(layers.ACTIVATIONS))
   layers.get_kernel_init(values['kernel_init'], values['init_std'])
-  check_choice('model.conv_impl', values['conv_impl'], layers.CONV_IMPLS)
+  check_choice('model.conv_impl', values['conv_impl'], kernels.CONV_IMPLS)
   layers.get_dtype(values['dtype'])
   check_positive('model.num_classes', values['num_classes'], integer=True)
   check_positive('model.width', values['width'])

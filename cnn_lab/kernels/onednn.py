@@ -5,7 +5,7 @@ LeNet-5's 1-16) and most kernel gradients well below the matmul peak.
 oneDNN, the library behind PyTorch's CPU convolutions, has kernels
 generated for the machine's vector units. `csrc/onednn_conv.cc` wraps its
 forward, input-gradient and kernel-gradient convolutions as XLA FFI
-handlers; `layers.conv_paths` uses them as the path 'onednn'.
+handlers; `select.conv_paths` uses them as the path 'onednn'.
 
 Threads. Each call splits its batch into one part per thread of XLA's
 intra-op pool and runs the parts there, each a oneDNN primitive on one
@@ -21,10 +21,10 @@ The library comes from the pinned wheels onednn-cpu-iomp and
 onednn-devel-cpu-iomp (oneDNN 3.2 on Intel's OpenMP runtime, from the wheel
 intel-openmp; the libraries in <prefix>/lib, the headers in
 <prefix>/include) and is compiled with the C++
-compiler once, by `python -m cnn_lab.onednn` (setup.sh runs it) or on
+compiler once, by `python -m cnn_lab.kernels.onednn` (setup.sh runs it) or on
 first use, into <prefix>/lib/libcnn_lab_onednn-<hash of the source>.so.
 Where that cannot be done, `available()` is False and the layers keep
-their XLA paths; `python -m cnn_lab.onednn` says why.
+their XLA paths; `python -m cnn_lab.kernels.onednn` says why.
 """
 
 import ctypes
@@ -40,6 +40,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cnn_lab.kernels.geometry import conv_geometry
 
 SOURCE = pathlib.Path(__file__).with_name('csrc') / 'onednn_conv.cc'
 TARGETS = {'fwd': 'OnednnConvFwd', 'dx': 'OnednnConvBwdData',
@@ -130,14 +132,10 @@ def _call(which: str, out_shape, a, b, strides, pads):
           pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl), pr=np.int64(pr))
 
 
-def _out_hw(in_hw, kernel_hw, strides, pads):
-  return tuple((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi)
-               in zip(in_hw, kernel_hw, strides, pads))
-
-
 def conv(x, kernel, strides, pads):
   """The convolution (NHWC x, HWIO kernel, explicit `pads`)."""
-  out_h, out_w = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+  _, (out_h, out_w) = conv_geometry(x.shape[1:3], kernel.shape[:2], strides,
+                                    pads)
   return _call('fwd', (x.shape[0], out_h, out_w, kernel.shape[3]), x,
                kernel, strides, pads)
 
@@ -155,11 +153,8 @@ def kernel_grad(x, dy, kernel_shape, strides, pads):
 def main() -> int:
   reason = _load()
   if reason:
-    print(f'cnn_lab.onednn: not available: {reason}', file=sys.stderr)
+    print(f'cnn_lab.kernels.onednn: not available: {reason}', file=sys.stderr)
     return 1
-  print(f'cnn_lab.onednn: {library_path()}')
+  print(f'cnn_lab.kernels.onednn: {library_path()}')
   return 0
 
-
-if __name__ == '__main__':
-  sys.exit(main())
