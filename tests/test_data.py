@@ -2,7 +2,9 @@
 
 import gzip
 import hashlib
+import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -163,3 +165,74 @@ def test_prefetch_passes_items_and_errors():
 
   with pytest.raises(RuntimeError, match='boom'):
     list(data.prefetch(broken()))
+
+
+def test_arrays_kept_from_tfds_are_tfds_own_until_its_files_change(
+    tmp_path, monkeypatch):
+  # A copy of the prepared dataset (same files, sizes and times).
+  shutil.copytree(sources.default_data_dir() / 'fashion_mnist',
+                  tmp_path / 'fashion_mnist')
+  version_dir = next((tmp_path / 'fashion_mnist').iterdir())
+  shutil.rmtree(version_dir / sources.ARRAY_CACHE, ignore_errors=True)
+  through_tfds = []
+  prepared_builder = sources._prepared_builder
+  monkeypatch.setattr(sources, '_prepared_builder', lambda *args: (
+      through_tfds.append(args) or prepared_builder(*args)))
+
+  first = sources.load_tfds('fashion_mnist', tmp_path)
+  assert len(through_tfds) == 1
+  assert (version_dir / sources.ARRAY_CACHE / 'manifest.json').is_file()
+  second = sources.load_tfds('fashion_mnist', tmp_path)
+  assert len(through_tfds) == 1  # From the kept arrays.
+  assert first[2] == second[2] == 10
+  for a, b in zip(first[:2], second[:2]):
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert b.images.dtype == np.uint8 and b.labels.dtype == np.int32
+
+  # TFDS's files changed (prepared again): through TFDS, and kept anew.
+  record = next(version_dir.glob('*train.tfrecord*'))
+  os.utime(record, ns=(record.stat().st_atime_ns,
+                       record.stat().st_mtime_ns + 10**9))
+  third = sources.load_tfds('fashion_mnist', tmp_path)
+  assert len(through_tfds) == 2
+  np.testing.assert_array_equal(third[0].images, first[0].images)
+  sources.load_tfds('fashion_mnist', tmp_path)
+  assert len(through_tfds) == 2
+
+  # Another tensorflow-datasets: through TFDS.
+  real_version = sources.importlib.metadata.version
+  monkeypatch.setattr(sources.importlib.metadata, 'version',
+                      lambda package: '0.0.1' if package == (
+                          'tensorflow-datasets') else real_version(package))
+  sources.load_tfds('fashion_mnist', tmp_path)
+  assert len(through_tfds) == 3
+
+
+def test_a_failed_write_of_the_arrays_leaves_nothing_behind(tmp_path,
+                                                         monkeypatch):
+  version_dir = tmp_path / 'fashion_mnist' / '3.0.1'
+  version_dir.mkdir(parents=True)
+  (version_dir / 'dataset_info.json').write_text('{}')
+  split = sources.Split(np.zeros((2, 4, 4, 1), np.uint8),
+                        np.zeros(2, np.int32))
+  calls = []
+
+  def disk_full(path, array):
+    calls.append(path)
+    if len(calls) == 3:
+      raise OSError(28, 'No space left on device')
+    with open(path, 'wb') as f:
+      np.lib.format.write_array(f, array)
+
+  monkeypatch.setattr(sources.np, 'save', disk_full)
+  sources.write_array_cache(version_dir, split, split, 10)  # No error.
+  assert len(calls) == 3
+  assert sorted(p.name for p in version_dir.iterdir()) == [
+      'dataset_info.json']
+  assert sources.read_array_cache('fashion_mnist', tmp_path) is None
+  monkeypatch.undo()
+  sources.write_array_cache(version_dir, split, split, 10)
+  kept = sources.read_array_cache('fashion_mnist', tmp_path)
+  assert kept is not None and kept[2] == 10
+  np.testing.assert_array_equal(kept[0].images, split.images)

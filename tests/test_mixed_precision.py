@@ -55,6 +55,9 @@ FAMILIES = {
     'resnet20': ('resnet20', dict(width=0.25), 32),
 }
 BATCH = 8
+# Every test of a family reads the same `family_run`: one worker each.
+FAMILY_PARAMS = [pytest.param(f, marks=pytest.mark.xdist_group(f'mp_{f}'))
+                 for f in sorted(FAMILIES)]
 LOGIT_RTOL = 0.05  # max |bf16 - f32| / max |f32| (module docstring).
 MAX_GRAD_ANGLE = 8.1  # Degrees: cosine similarity 0.99.
 
@@ -125,7 +128,7 @@ def family_run(family: str, dtype: str) -> dict:
   return out
 
 
-@pytest.mark.parametrize('family', sorted(FAMILIES))
+@pytest.mark.parametrize('family', FAMILY_PARAMS)
 def test_bfloat16_keeps_float32_parameters_and_statistics(family):
   f32, bf16 = family_run(family, 'float32'), family_run(family, 'bfloat16')
   for run in (f32, bf16):
@@ -143,7 +146,7 @@ def test_bfloat16_keeps_float32_parameters_and_statistics(family):
       bf16['batch_stats'])
 
 
-@pytest.mark.parametrize('family', sorted(FAMILIES))
+@pytest.mark.parametrize('family', FAMILY_PARAMS)
 def test_bfloat16_runs_every_matmul_in_bfloat16(family):
   for dtype in ('float32', 'bfloat16'):
     matmuls = family_run(family, dtype)['matmuls']
@@ -151,7 +154,7 @@ def test_bfloat16_runs_every_matmul_in_bfloat16(family):
     assert {d for operands in matmuls for d in operands} == {dtype}
 
 
-@pytest.mark.parametrize('family', sorted(FAMILIES))
+@pytest.mark.parametrize('family', FAMILY_PARAMS)
 def test_bfloat16_logits_close_to_float32(family):
   f32, bf16 = family_run(family, 'float32'), family_run(family, 'bfloat16')
   ref, out = np.asarray(f32['eval_logits']), np.asarray(bf16['eval_logits'])
@@ -169,7 +172,7 @@ def angle(a, b) -> float:
   return float(np.degrees(np.arccos(np.clip(cos, -1, 1))))
 
 
-@pytest.mark.parametrize('family', sorted(FAMILIES))
+@pytest.mark.parametrize('family', FAMILY_PARAMS)
 def test_bfloat16_loss_and_gradients_float32_and_close(family):
   f32, bf16 = family_run(family, 'float32'), family_run(family, 'bfloat16')
   assert bf16['loss'].dtype == jnp.float32

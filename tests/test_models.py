@@ -390,7 +390,10 @@ def tiny_run(name):
           mutable=['batch_stats', 'aux_logits'])))
 
 
-@pytest.mark.parametrize('name', sorted(TINY))
+# Tests of one family read the same `tiny_run`: one worker each.
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=pytest.mark.xdist_group(f'tiny_{n}'))
+    for n in sorted(TINY)])
 def test_train_and_eval_modes_and_one_finite_step(name):
   run = tiny_run(name)
   variables, x, evaluate = run['variables'], run['x'], run['evaluate']
@@ -424,6 +427,7 @@ def _cross_entropy(logits, labels):
   return -logp[np.arange(len(labels)), np.asarray(labels)].mean()
 
 
+@pytest.mark.xdist_group('tiny_googlenet')
 def test_auxiliary_heads_only_in_training_with_weighted_loss():
   run = tiny_run('googlenet')
   variables, x = run['variables'], run['x']

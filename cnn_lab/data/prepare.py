@@ -1,4 +1,6 @@
-"""Prepares TFDS's fashion_mnist offline from Debian's files (idempotent).
+"""Prepares TFDS's fashion_mnist offline from Debian's files (idempotent),
+and loads it once, so that its arrays are kept for every later run
+(`sources.load_tfds`).
 
   python -m cnn_lab.data.prepare [--data_dir=DIR]
 """
@@ -22,6 +24,7 @@ def main(argv=None) -> int:
   builder = sources.prepare_fashion_mnist(args.data_dir)
   splits = ', '.join(f'{k} {v.num_examples}'
                      for k, v in builder.info.splits.items())
+  sources.load_tfds('fashion_mnist', args.data_dir)
   print(f'[setup] fashion_mnist ready in {builder.data_dir} ({splits})')
   return 0
 
