@@ -191,7 +191,7 @@ def activation_stats(y: jax.Array, kind: str) -> dict[str, jax.Array]:
 ACTIVATION_STATS = ('act_mean', 'act_std', 'act_saturated', 'act_dead')
 
 # The variable collections `watch_activations` fills at every activation
-# site when the caller of `model.apply` makes them mutable (cnn_lab.train
+# site when the caller of `model.apply` makes them mutable (cnn_lab.steps
 # does; inference and `init` leave them alone, so watching costs nothing
 # there).
 STATS_COLLECTION = 'activation_stats'  # A few scalars per site.

@@ -98,3 +98,11 @@ def test_layers_reach_the_kernels_through_the_package_only():
   graph = import_graph()
   assert {m for m in graph['cnn_lab.layers']
           if m.startswith('cnn_lab.kernels')} == {'cnn_lab.kernels'}
+
+
+def test_layers_hold_no_kernel_code():
+  # Custom gradients and hand-made convolutions live in cnn_lab/kernels.
+  source = (PACKAGE / 'layers.py').read_text()
+  for kernel_code in ('custom_vjp', 'custom_jvp', 'conv_general_dilated',
+                      'dot_general', 'ffi_call', 'defvjp'):
+    assert kernel_code not in source, kernel_code

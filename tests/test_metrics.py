@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnn_lab import metrics, models, steps
+from cnn_lab import layers, metrics, models, steps
 
 
 class TwoLayer(nn.Module):
@@ -132,3 +132,52 @@ def test_layer_stats_and_update_ratio_under_sgd_momentum():
     # Without momentum's memory of g1 the ratio would differ.
     assert not np.isclose(ratio, lr * np.linalg.norm(g) /
                           np.linalg.norm(old), rtol=1e-2)
+
+
+class Watched(nn.Module):
+  """Two activation sites, one inside a submodule."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.Activation('tanh', name='act1')(nn.Dense(4, name='fc1')(x))
+
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return layers.Activation('relu', name='act')(nn.Dense(3)(x))
+
+    return Block(name='block')(x)
+
+
+def test_watch_activations_records_each_site_inside_it_only():
+  model = Watched()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2)) * 3,
+                  jnp.float32)
+  variables = model.init(jax.random.key(0), x)
+  mutable = [metrics.STATS_COLLECTION, metrics.VALUES_COLLECTION]
+  # Outside the context, the sites are plain functions: nothing recorded.
+  _, outside = model.apply(variables, x, mutable=mutable)
+  assert not outside
+  with metrics.watch_activations():
+    y, recorded = model.apply(variables, x, mutable=mutable)
+  # The values each site returned, computed here without the sites.
+  p = variables['params']
+  h1 = np.tanh(x @ p['fc1']['kernel'] + p['fc1']['bias'])
+  dense = p['block']['Dense_0']
+  h2 = np.maximum(h1 @ dense['kernel'] + dense['bias'], 0)
+  np.testing.assert_allclose(y, h2, rtol=1e-5, atol=1e-6)
+  values = recorded[metrics.VALUES_COLLECTION]
+  np.testing.assert_allclose(values['act1']['value'], h1, rtol=1e-5)
+  np.testing.assert_allclose(values['block']['act']['value'], h2,
+                             rtol=1e-5, atol=1e-6)
+  stats = metrics.collect_activation_stats(
+      recorded[metrics.STATS_COLLECTION],
+      [('act1', 'tanh'), ('block/act', 'relu')])
+  np.testing.assert_allclose(stats['act_mean/act1'], h1.mean(), rtol=1e-5)
+  np.testing.assert_allclose(stats['act_std/block/act'], h2.std(),
+                             rtol=1e-5)
+  assert stats['act_saturated/act1'] == np.mean(h1 ** 2 > 0.9)
+  assert stats['act_dead/block/act'] == np.mean(h2.max(axis=0) <= 0)
+  assert set(stats) == {'act_mean/act1', 'act_std/act1',
+                        'act_saturated/act1', 'act_mean/block/act',
+                        'act_std/block/act', 'act_dead/block/act'}
