@@ -6,7 +6,7 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+import types
 
 import pytest
 
@@ -24,7 +24,20 @@ def test_lenet5_train_flops_match_hand_count():
       conv1 + conv2 + dense)
 
 
-def test_time_alternating_reverses_order_and_takes_medians():
+@pytest.fixture
+def clock(monkeypatch):
+  """The timer's clock, advanced by the fake steps below instead of their
+  sleeping: no stall of a busy machine can stretch a step."""
+  now = [0.0]
+  monkeypatch.setattr(suite, 'time', types.SimpleNamespace(
+      perf_counter=lambda: now[0]))
+
+  def advance(seconds):
+    now[0] += seconds
+  return advance
+
+
+def test_time_alternating_reverses_order_and_takes_medians(clock):
   calls = []
 
   def sleeper(label, seconds):
@@ -33,7 +46,7 @@ def test_time_alternating_reverses_order_and_takes_medians():
     def run(n):
       switched = not calls or calls[-1][0] != label
       calls.append((label, n))
-      time.sleep(seconds * n + 0.1 * switched)
+      clock(seconds * n + 0.1 * switched)
     return run
 
   runs = {'a': sleeper('a', 0.01), 'b': sleeper('b', 0.03)}
@@ -47,13 +60,13 @@ def test_time_alternating_reverses_order_and_takes_medians():
   # n is sized from the second warm step so that one timing lasts
   # ~min_seconds.
   assert dict(timed[:2]) == {'a': 6, 'b': 2}
-  # Per-step seconds, not per timing, without the slow first steps; sleep
-  # only overshoots.
-  assert 0.01 <= times['a'] < 0.02 and 0.03 <= times['b'] < 0.045
+  # Per-step seconds, not per timing, without the slow first steps.
+  assert times['a'] == pytest.approx(0.01) and times['b'] == pytest.approx(
+      0.03)
 
 
-def test_time_rounds_gives_one_time_per_round():
-  # Seconds each call of a variant sleeps per step: two warm steps, then
+def test_time_rounds_gives_one_time_per_round(clock):
+  # Seconds each call of a variant takes per step: two warm steps, then
   # per round an untimed step (0 here) and the timed one (n = 1: every step
   # is longer than min_seconds).
   sleeps = {'a': [0.03, 0.03, 0, 0.05, 0, 0.01, 0, 0.02],
@@ -62,7 +75,7 @@ def test_time_rounds_gives_one_time_per_round():
 
   def runner(label):
     def run(n):
-      time.sleep(sleeps[label][calls[label]] * n)
+      clock(sleeps[label][calls[label]] * n)
       calls[label] += 1
     return run
 
@@ -72,7 +85,7 @@ def test_time_rounds_gives_one_time_per_round():
   for label in 'ab':
     timed = sleeps[label][3::2]
     assert len(times[label]) == 3
-    assert all(w <= got < w + 0.01 for got, w in zip(times[label], timed))
+    assert times[label] == pytest.approx(timed)
 
 
 def run_bench(*args):
