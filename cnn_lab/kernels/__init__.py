@@ -20,9 +20,9 @@ rule that matches:
               fewer                               XLA's / XLA's / chunked
   CPU       other kernels of at most 9 taps       XLA's / XLA's / chunked
   CPU       larger kernels                        XLA's
-  then, on the CPU: one input channel and at most 32 output channels take
-  the chunked forward pass, at most 8 input channels the shifted dx
-  (direct.py).
+  and in the last four rows, thin inputs: one input channel and at most 32
+  output channels take the chunked forward pass, at most 8 input channels
+  the shifted dx (direct.py).
 
 Why: on the CPU, XLA runs thin convolutions, tiny maps and most kernel
 gradients far below the matmul peak (its dw transposes x and dy first and
