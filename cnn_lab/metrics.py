@@ -67,12 +67,12 @@ def layer_order(model: nn.Module, variables, sample_input) -> list[str]:
 def batch_norm_layers(model: nn.Module, variables,
                       sample_input) -> list[tuple[str, float, float]]:
   """(name, momentum, epsilon) of every batch-norm layer, in forward order."""
-  layers = {}
+  found = {}
   for path, module in _forward_calls(model, variables, sample_input):
     if isinstance(module, nn.BatchNorm):
-      layers.setdefault(path, (float(module.momentum),
-                               float(module.epsilon)))
-  return [(name, *settings) for name, settings in layers.items()]
+      found.setdefault(path, (float(module.momentum),
+                              float(module.epsilon)))
+  return [(name, *settings) for name, settings in found.items()]
 
 
 def activation_sites(model: nn.Module, variables,

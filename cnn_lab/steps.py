@@ -31,12 +31,6 @@ class TrainState(train_state.TrainState):
   skipped_steps: jax.Array = None  # Updates dropped by on_nonfinite='skip'.
 
 
-def steps_from_epochs(num_epochs: float, num_examples: int,
-                      batch_size: int) -> int:
-  """The one place that turns epochs into steps (last partial batch dropped)."""
-  return max(1, int(num_epochs * (num_examples // batch_size)))
-
-
 def create_train_state(model, tx, image_shape, key) -> TrainState:
   # Non-partitionable threefry: the same keys on one device, and XLA
   # compiles the initialisation of a large network (GoogLeNet: ~130 arrays)

@@ -432,10 +432,11 @@ def metric_keys(run: Run) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """A run's jitted steps. `train` holds the compiled train step with
-  statistics (True) and, in a run with MIN_UNLOGGED_STEPS unlogged steps or
-  more, without them (False), which those steps run; both update the state
-  alike."""
+  """A run's jitted steps. `train` holds the compiled train step, keyed by
+  whether it computes the per-layer statistics: one version (that of
+  `layer_stats`), or, in a run with statistics and MIN_UNLOGGED_STEPS
+  unlogged steps or more, both, the one without them for the unlogged
+  steps; both update the state alike."""
   train: dict[bool, Callable]
   histogram: Callable
   probe: Callable
@@ -508,7 +509,8 @@ def train_loop(run: Run, steps: Steps, state, start: int, batches,
   reported = any('nonfinite/first_step' in line
                  for line in writers.read_metrics(outputs.writer.workdir))
   eval_result = {}
-  for step, batch in zip(range(start + 1, run.num_steps + 1), batches):
+  for step in range(start + 1, run.num_steps + 1):
+    batch = next(batches)
     if cadence.histograms(step):
       # Before the step, on its batch: the gradients it is about to apply.
       outputs.writer.write_histograms(step, jax.device_get(

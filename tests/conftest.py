@@ -35,6 +35,11 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
   # Programs that compile in well under a second are not worth a file.
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+  # A size limit turns on JAX's file lock around every read and write of
+  # the cache (package filelock): without it, a process could read an entry
+  # another is still writing, and warn about it on stderr, where tests
+  # count the lines.
+  os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 * 2**30))
 
 
 import pytest  # noqa: E402  (after the environment above)

@@ -5,7 +5,8 @@ LeNet-5's 1-16) and most kernel gradients well below the matmul peak.
 oneDNN, the library behind PyTorch's CPU convolutions, has kernels
 generated for the machine's vector units. `csrc/onednn_conv.cc` wraps its
 forward, input-gradient and kernel-gradient convolutions as XLA FFI
-handlers; `select.conv_paths` uses them as the path 'onednn'.
+handlers: the path 'onednn' of `select.conv_paths`, which
+`select.select_conv_paths` picks for float32 layers below 128 channels.
 
 Threads. Each call splits its batch into one part per thread of XLA's
 intra-op pool and runs the parts there, each a oneDNN primitive on one
@@ -21,10 +22,10 @@ The library comes from the pinned wheels onednn-cpu-iomp and
 onednn-devel-cpu-iomp (oneDNN 3.2 on Intel's OpenMP runtime, from the wheel
 intel-openmp; the libraries in <prefix>/lib, the headers in
 <prefix>/include) and is compiled with the C++
-compiler once, by `python -m cnn_lab.kernels.onednn` (setup.sh runs it) or on
+compiler once, by `python -m cnn_lab.kernels` (setup.sh runs it) or on
 first use, into <prefix>/lib/libcnn_lab_onednn-<hash of the source>.so.
 Where that cannot be done, `available()` is False and the layers keep
-their XLA paths; `python -m cnn_lab.kernels.onednn` says why.
+their XLA paths; `python -m cnn_lab.kernels` says why.
 """
 
 import ctypes

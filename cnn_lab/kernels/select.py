@@ -3,12 +3,12 @@
 How a convolution's forward pass, its input gradient (dx) and its kernel
 gradient (dw) are computed, picked by backend and shape
 (`select_conv_paths`; `conv_paths` joins the three with a custom VJP;
-`conv2d`, which `layers.Conv` calls, does both). On GPU/TPU all three are XLA's convolution. On
-CPU, measured in whole training steps (batch 128, float32) on a 2-core AMD
-EPYC (AVX-512) with jax 0.10.2, whose XLA runs matmuls with YNNPACK and,
-once cnn_lab is imported, convolutions with Eigen (cnn_lab/xla_flags.py;
-the figures below from before that change were measured with YNNPACK's
-convolutions, and say so):
+`conv2d`, which `layers.Conv` calls, does both). On GPU/TPU all three are
+XLA's convolution. On CPU, measured in whole training steps (batch 128,
+float32) on a 2-core AMD EPYC (AVX-512) with jax 0.10.2, whose XLA runs
+matmuls with YNNPACK and, once cnn_lab is imported, convolutions with
+Eigen (cnn_lab/xla_flags.py; the figures below from before that change
+were measured with YNNPACK's convolutions, and say so):
 
 - XLA's forward pass and dx run at 60-200 GFLOP/s on maps of 4x4 and more
   with YNNPACK, 100-220 with Eigen (32x32x16 layers, the slowest, at about
@@ -66,7 +66,7 @@ convolutions, and say so):
   16-channel stage, first layers): ResNet-20 312-328 against 339-346 ms,
   VGG16-BN 948 against 979. Winograd's transforms cost float32 some accuracy
   (~3e-6 of the largest value against 1e-7 for a direct sum,
-  tests/test_layers.py), and would cost bfloat16 too much: bfloat16 keeps the
+  tests/test_kernels.py), and would cost bfloat16 too much: bfloat16 keeps the
   paths below. They also cost compile time: XLA compiles each of a
   transform's 36 terms as its own loop (VGG16-BN's step compiles in 17-18 s
   against 5; as matmuls with the Kronecker products of the matrices the
@@ -177,10 +177,11 @@ WINOGRAD_DW_MIN_CHANNELS = 32
 
 # oneDNN's convolutions (`onednn.py`), all three passes, for float32 layers
 # with fewer than this many channels on either side; wider ones keep the
-# rules of `select_conv_paths` (Winograd's, XLA's). In whole steps, against no oneDNN:
-# ResNet-20 312 -> 204 ms, VGG16-BN 1,031 -> 900, ResNet-50 (224x224, batch
-# 16) 2,529 -> 2,315; oneDNN on every layer: VGG16-BN 1,210 against 971,
-# ResNet-50 2,470; threshold 256: VGG16-BN 949 against 887 at 128.
+# other rules of `select_conv_paths` (Winograd's, XLA's). In whole steps,
+# against no oneDNN: ResNet-20 312 -> 204 ms, VGG16-BN 1,031 -> 900,
+# ResNet-50 (224x224, batch 16) 2,529 -> 2,315; oneDNN on every layer:
+# VGG16-BN 1,210 against 971, ResNet-50 2,470; threshold 256: VGG16-BN 949
+# against 887 at 128.
 ONEDNN_MAX_CHANNELS = 128
 ONEDNN_PATHS = ('onednn', 'onednn', 'onednn')
 

@@ -1,7 +1,7 @@
 // oneDNN's CPU convolutions (NHWC activations, HWIO kernels, float32) as
 // XLA FFI handlers: the forward pass, the input gradient and the kernel
 // gradient of one 2-D convolution (strides, explicit padding). Built and
-// registered by cnn_lab/onednn.py.
+// registered by cnn_lab/kernels/onednn.py.
 //
 // Threads: each call splits its batch into as many parts as XLA's
 // intra-op thread pool has threads and runs the parts on that pool (the
