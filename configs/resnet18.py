@@ -26,7 +26,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model.init_std = 0.01  # Std of kernel_init='normal'.
   config.model.width = 1.0  # Channel multiplier.
   config.model.num_classes = config_dict.placeholder(int)  # None: dataset's.
-  config.model.conv_impl = 'auto'  # auto, xla, shifted or im2col.
+  config.model.conv_impl = 'auto'  # auto, fast, onednn, xla, shifted, im2col.
   config.model.dtype = 'float32'  # Compute dtype: float32 or bfloat16.
 
   config.data.random_crop = True  # 4-pixel pad and random crop.

@@ -29,7 +29,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model.width = 1.0  # Channel and hidden-unit multiplier.
   config.model.num_classes = config_dict.placeholder(int)  # None: dataset's.
   config.model.head_features = config_dict.placeholder(tuple)  # None: by size.
-  config.model.conv_impl = 'auto'  # auto, xla, shifted or im2col.
+  config.model.conv_impl = 'auto'  # auto, fast, onednn, xla, shifted, im2col.
   config.model.dtype = 'float32'  # Compute dtype: float32 or bfloat16.
 
   config.optim.learning_rate = 0.01  # Divided by 10 at 50% and 75%.
