@@ -5,7 +5,8 @@
 #     (to build the oneDNN convolution handlers) and libtcmalloc-minimal4
 #     (the allocator the entry points run on, cnn_lab/malloc.py);
 #  2. a virtualenv in .venv with cnn_lab, its pinned dependencies and the
-#     test extra (pytest; torch==2.13.0, CPU build, for the benchmark);
+#     test extra (pytest; torch==2.13.0, CPU build, for the benchmark;
+#     submitit, whose local executor the sweep tests run);
 #  3. cnn_lab's oneDNN convolutions compiled (cnn_lab/kernels/onednn.py);
 #  4. TFDS's fashion_mnist prepared from Debian's files, checksums verified.
 # Re-running it when all is done takes a few seconds.

@@ -12,6 +12,11 @@ complete, so a run killed while saving leaves no checkpoint that looks
 finished. One whose files were damaged afterwards fails to restore: it is
 moved aside to `<workdir>/checkpoints_damaged/` with a warning, and the one
 before it is used.
+
+In a run of several processes (`cnn_lab.distributed`) every process saves
+and restores, as orbax requires, into the same folder (a filesystem all
+the hosts share); the state is replicated on every device, and orbax
+writes each array once.
 """
 
 import pathlib
@@ -19,6 +24,8 @@ import shutil
 
 import flax
 import jax
+
+from cnn_lab import distributed
 
 
 class Checkpoints:
@@ -56,8 +63,9 @@ class Checkpoints:
         state = flax.serialization.from_state_dict(template, restored)
         # On the device like the step's own outputs (committed arrays, the
         # step weakly typed as `state.step + 1` makes it), so that the
-        # jitted step compiles once, not again after the first resumed step.
-        state = jax.device_put(state, jax.devices()[0])
+        # jitted step compiles once, not again after the first resumed step;
+        # with several devices, on all of them (`distributed`).
+        state = jax.device_put(state, distributed.replicated_sharding())
         return state, step
       except Exception as e:  # Any failure to read it: damaged.
         reason = ' '.join(str(e).split())[:200]
@@ -65,12 +73,16 @@ class Checkpoints:
         warn(f'  warning: checkpoint {self.directory / str(step)} is damaged '
              f'({type(e).__name__}: {reason}); moved to {aside}, trying the '
              'one before', flush=True)
-        aside.parent.mkdir(exist_ok=True)
-        if aside.exists():
-          shutil.rmtree(aside)
-        shutil.move(str(self.directory / str(step)), aside)
+        distributed.on_main(_move_aside, self.directory / str(step), aside)
         self._manager.reload()
     return template, 0
 
   def close(self):
     self._manager.close()
+
+
+def _move_aside(path: pathlib.Path, aside: pathlib.Path) -> None:
+  aside.parent.mkdir(exist_ok=True)
+  if aside.exists():
+    shutil.rmtree(aside)
+  shutil.move(str(path), aside)

@@ -24,6 +24,7 @@ One PNG per figure; the same figure draws one run or several on shared axes
 (gradient flow and loss); `--out DIR` draws every figure above into DIR.
 """
 
+import json
 import math
 import pathlib
 import sys
@@ -33,6 +34,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.patches  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
@@ -44,6 +46,13 @@ from cnn_lab.runs import (RunFiles, load_runs, merge_order, run_labels,  # noqa:
 # The usual rule of thumb: an update of about 1e-3 of the weights per step.
 UPDATE_RATIO_REFERENCE = 1e-3
 DPI = 110
+# More runs than this are counted, not named, in a figure's title; the
+# heatmap puts at most HEATMAP_COLUMNS of them side by side.
+TITLE_RUNS = 4
+HEATMAP_COLUMNS = 6
+# More runs than this (a sweep) show only their last step where a figure
+# draws each run at several steps.
+MANY_RUNS = 6
 
 
 def _spread(count: int, points: int) -> list[int]:
@@ -69,7 +78,11 @@ def _early_to_late(i: int, count: int):
 
 
 def _run_color(i: int):
-  return plt.get_cmap('tab10')(i % 10)
+  """tab10's colours, then their light twins (tab20's odd ones) for runs
+  10 to 19 of a sweep."""
+  if i % 20 < 10:
+    return plt.get_cmap('tab10')(i % 10)
+  return plt.get_cmap('tab20')(2 * (i % 10) + 1)
 
 
 def _step_styles(runs, labels, num_points: int = 4):
@@ -77,7 +90,7 @@ def _step_styles(runs, labels, num_points: int = 4):
 
   One run: `num_points` steps, coloured early (dark) to late (yellow). Several
   runs: colour = run, and the first, middle and last step dotted, dashed and
-  solid.
+  solid; more than MANY_RUNS: the last step only.
   """
   if len(runs) == 1:
     picked = _pick_lines(runs[0].train_lines(), num_points)
@@ -86,7 +99,8 @@ def _step_styles(runs, labels, num_points: int = 4):
                        label=f'step {line["step"]}')
     return
   for r, (run, label) in enumerate(zip(runs, labels)):
-    picked = _pick_lines(run.train_lines(), 3)
+    picked = _pick_lines(run.train_lines(),
+                         3 if len(runs) <= MANY_RUNS else 1)
     styles = [':', '--', '-'][-len(picked):]
     for line, style in zip(picked, styles):
       yield line, dict(color=_run_color(r), linestyle=style,
@@ -245,8 +259,9 @@ def _style_handles(styles):
 
 def _suptitle(fig, what, runs, notes=()):
   notes = f' ({"; ".join(notes)})' if notes else ''
-  fig.suptitle(f'{what}: {", ".join(r.name for r in runs)}{notes}',
-               fontsize=11)
+  names = (', '.join(r.name for r in runs) if len(runs) <= TITLE_RUNS
+           else f'{len(runs)} runs')
+  fig.suptitle(f'{what}: {names}{notes}', fontsize=11)
 
 
 def _last_finite_line(run, names) -> dict:
@@ -328,21 +343,28 @@ def figure_grad_heatmap(runs, labels):
   vmin, vmax = np.log10(finite.min()), np.log10(finite.max())
   if vmax - vmin < 1e-6:
     vmin, vmax = vmin - 0.5, vmax + 0.5
+  # Many runs (a sweep) wrap into rows of HEATMAP_COLUMNS panels.
+  cols = min(len(runs), HEATMAP_COLUMNS)
+  rows = math.ceil(len(runs) / cols)
   fig, axes = plt.subplots(
-      1, len(runs), squeeze=False, sharey=True, layout='constrained',
-      figsize=(3.2 + 3.8 * len(runs), max(3.5, 0.28 * len(names) + 2)))
+      rows, cols, squeeze=False, sharey=True, layout='constrained',
+      figsize=(3.2 + 3.8 * cols,
+               rows * max(3.5, 0.28 * len(names) + 2)))
   zero = nonfinite = False
-  for ax, run, label, grid in zip(axes[0], runs, labels, grids):
+  for ax, run, label, grid in zip(axes.flat, runs, labels, grids):
     image, has_zero, has_nonfinite = _heatmap_panel(ax, *grid, vmin, vmax)
     zero, nonfinite = zero or has_zero, nonfinite or has_nonfinite
     ax.set_title(label if len(runs) > 1 else run.name, fontsize=9)
-  axes[0][0].set_yticks(range(len(names)))
-  axes[0][0].set_yticklabels(names, fontsize=7)
-  axes[0][0].set_ylabel('layer (input at top)')
+  for ax in axes.flat[len(runs):]:
+    ax.set_axis_off()
+  for row in axes:
+    row[0].set_yticks(range(len(names)))
+    row[0].set_yticklabels(names, fontsize=7)
+    row[0].set_ylabel('layer (input at top)')
   extend = {(True, True): 'both', (True, False): 'min',
             (False, True): 'max'}.get((zero, nonfinite), 'neither')
-  bar = fig.colorbar(image, ax=axes[0].tolist(), extend=extend,
-                     fraction=0.05, pad=0.02)
+  bar = fig.colorbar(image, ax=axes.ravel().tolist(), extend=extend,
+                     fraction=0.05 / rows, pad=0.02)
   bar.set_label('log10 gradient L2 norm')
   _suptitle(fig, 'Gradient L2 norm by layer and step', runs, [
       n for n, on in (('black: exactly 0', zero),
@@ -697,6 +719,221 @@ def plot_compare(workdirs, out) -> pathlib.Path:
     ax_a.set_ylim(0, 1)
   fig.tight_layout()
   return _save(fig, out)
+
+
+# --- Sweeps: the runs grouped by the values of the swept fields, seeds
+# averaged. ---
+
+
+def _value_key(value) -> str:
+  return json.dumps(value, sort_keys=True)
+
+
+def _value_order(values) -> list:
+  """Distinct values: in numeric order when all are numbers, else in order
+  of first appearance (the sweep's)."""
+  distinct = list({_value_key(v): v for v in values}.values())
+  if all(isinstance(v, (int, float)) and not isinstance(v, bool)
+         for v in distinct):
+    return sorted(distinct)
+  return distinct
+
+
+def _value_colours(values) -> dict:
+  """Value key -> colour: dark to light for numbers, tab10 otherwise."""
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in values)
+  return {_value_key(v): _early_to_late(i, len(values)) if numeric and
+          len(values) > 2 else _run_color(i) for i, v in enumerate(values)}
+
+
+def _facets(values, others, names) -> list[tuple[str, list[int]]]:
+  """(label, run indices) for each combination of the `others` fields'
+  values, in order of first appearance."""
+  facets = {}
+  for i, v in enumerate(values):
+    key = tuple(_value_key(v.get(f)) for f in others)
+    label = ', '.join(f'{names[f]}={_show(v.get(f))}' for f in others)
+    facets.setdefault(key, (label or 'all runs', []))[1].append(i)
+  return list(facets.values())
+
+
+def _show(value) -> str:
+  return value if isinstance(value, str) else json.dumps(value)
+
+
+def _mean_band(ax, curves, color):
+  """The mean of several (steps, values) curves at each step (the runs
+  that logged it, finite values only) as a line, their min to max as a
+  band."""
+  at = {}
+  for steps, ys in curves:
+    for s, y in zip(steps, ys):
+      if math.isfinite(y):
+        at.setdefault(s, []).append(y)
+  steps = sorted(at)
+  if not steps:
+    return []
+  ys = [at[s] for s in steps]
+  ax.plot(steps, [sum(y) / len(y) for y in ys], color=color, linewidth=1.6)
+  if len(curves) > 1:
+    ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys],
+                    color=color, alpha=0.2, linewidth=0)
+  return [y for group in ys for y in group]
+
+
+def figure_sweep_curves(runs, values, field, others, names, accuracy,
+                        accuracy_label, target=None):
+  """Loss (top) and accuracy (bottom) against step, colour = the value of
+  `field`, one column per combination of the `others` fields; each line
+  is the mean over the runs that differ only in seed, the band their min
+  to max. `accuracy(run)` gives (steps, values)."""
+  facets = _facets(values, others, names)
+  cols = min(len(facets), 4)
+  rows = math.ceil(len(facets) / cols)
+  fig, axes = plt.subplots(2 * rows, cols, squeeze=False, sharex=True,
+                           figsize=(4.3 * cols + 2.6, 3.2 * 2 * rows),
+                           layout='constrained')
+  loss_key = ('probe/loss' if all(r.series('probe/loss')[0] for r in runs)
+              else 'train/loss')
+  order = _value_order(v.get(field) for v in values) if field else [None]
+  colours = _value_colours(order)
+  losses = []
+  for k, (label, members) in enumerate(facets):
+    ax_l, ax_a = axes[2 * (k // cols)][k % cols], axes[
+        2 * (k // cols) + 1][k % cols]
+    for value in order:
+      group = [i for i in members if field is None or
+               _value_key(values[i].get(field)) == _value_key(value)]
+      if group:
+        colour = colours[_value_key(value)]
+        losses += _mean_band(ax_l, [runs[i].series(loss_key)
+                                    for i in group], colour)
+        _mean_band(ax_a, [accuracy(runs[i]) for i in group], colour)
+    _panel(ax_l, '' if len(facets) == 1 else label,
+           {'probe/loss': 'probe loss (no dropout)'}.get(loss_key, loss_key),
+           which='both')
+    if target is not None:
+      ax_a.axhline(target, color='0.4', linestyle='--', linewidth=1)
+    ax_a.set_ylim(0, 1)
+    _step_panel(ax_a, '', accuracy_label)
+    ax_a.yaxis.label.set_fontsize(8)
+  for ax in axes[:, :].flat:
+    if not ax.get_lines():
+      ax.set_axis_off()
+  for ax in axes[0::2].flat:
+    if ax.get_lines():
+      _log_scale_if_positive(ax, losses)
+      ax.set_ylim(*_finite_limits(losses, log=ax.get_yscale() == 'log'))
+  handles = [Line2D([], [], color=colours[_value_key(v)], linewidth=3)
+             for v in order]
+  handles.append(matplotlib.patches.Patch(color='0.5', alpha=0.3))
+  labels = [f'{names[field]}={_show(v)}' if field else 'mean over seeds'
+            for v in order] + ['min to max over seeds']
+  if target is not None:
+    handles.append(Line2D([], [], color='0.4', linestyle='--'))
+    labels.append(f'target accuracy {target:g}')
+  fig.legend(handles, labels, loc='outside right center', fontsize=8)
+  what = f'by {names[field]}' if field else 'over seeds'
+  fig.suptitle(f'Training curves {what} (line: mean over seeds)',
+               fontsize=11)
+  return fig
+
+
+def _finite_limits(values, log: bool):
+  """y limits that hold every finite value (positive ones on a log axis),
+  with a margin."""
+  finite = [v for v in values if math.isfinite(v) and (v > 0 or not log)]
+  low, high = min(finite), max(finite)
+  if log:
+    return low / 1.15, high * 1.15
+  pad = 0.05 * (high - low or abs(high) or 1)
+  return low - pad, high + pad
+
+
+def figure_sweep_finals(values, finals, field, others, names):
+  """One panel per (title, value per run, log axis) of `finals` against
+  the values of `field`: a dot per run, and per combination of the
+  `others` fields (colour) the mean over seeds ± their std (ddof=1)."""
+  facets = _facets(values, others, names)
+  order = _value_order(v.get(field) for v in values) if field else [None]
+  fig, axes = plt.subplots(
+      1, len(finals), squeeze=False, layout='constrained',
+      figsize=(max(3.4, 1.1 * len(order) + 2) * len(finals) + 2.6, 4.4))
+  width = min(0.3, 0.6 / len(facets))
+  for ax, (title, per_run, log) in zip(axes[0], finals):
+    drawn, filled = [], set()
+    for k, (label, members) in enumerate(facets):
+      offset = (k - (len(facets) - 1) / 2) * width
+      colour = _run_color(k)
+      means = []
+      for j, value in enumerate(order):
+        ys = [per_run[i] for i in members
+              if (field is None or _value_key(values[i].get(field))
+                  == _value_key(value)) and per_run[i] is not None
+              and math.isfinite(per_run[i])]
+        if not ys:
+          continue
+        # The runs just left of their mean, where the diamond hides none.
+        ax.plot([j + offset - 0.3 * width] * len(ys), ys, 'o', ms=4,
+                color=colour, alpha=0.5, markeredgewidth=0)
+        mean = sum(ys) / len(ys)
+        std = float(np.std(ys, ddof=1)) if len(ys) > 1 else 0.0
+        ax.errorbar([j + offset], [mean], yerr=[[min(std, mean * 0.999)
+                                                 if log else std], [std]],
+                    fmt='D', ms=6, color=colour, capsize=4)
+        means.append((j + offset, mean))
+        drawn += ys
+        filled.add(j)
+      if len(means) > 1:
+        ax.plot(*zip(*means), color=colour, linewidth=1, alpha=0.7)
+    for j in set(range(len(order))) - filled:
+      ax.text(j, 0.03, 'no run has a value', ha='center', fontsize=8,
+              color='0.4', transform=ax.get_xaxis_transform())
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([_show(v) if field else 'all runs' for v in order])
+    ax.set_xlim(-0.6, len(order) - 0.4)
+    ax.set_xlabel(names[field] if field else '')
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis='y', alpha=0.3)
+    if not drawn:
+      _no_data(ax, 'no run has this value')
+    elif log:
+      _log_scale_if_positive(ax, drawn)
+  if len(facets) > 1:
+    fig.legend([Line2D([], [], color=_run_color(k), marker='D',
+                       linestyle='-') for k in range(len(facets))],
+               [label for label, _ in facets], loc='outside right center',
+               fontsize=8)
+  what = f'by {names[field]}' if field else 'over seeds'
+  fig.suptitle(f'Final values {what} (dots: runs; diamonds: mean ± std '
+               'over seeds)', fontsize=11)
+  return fig
+
+
+def _file_part(name: str) -> str:
+  return ''.join(c if c.isalnum() or c in '-_' else '_' for c in name)
+
+
+def draw_sweep_figures(runs, values, finals, fields, names, out_dir, *,
+                       accuracy, accuracy_label,
+                       target=None) -> list[pathlib.Path]:
+  """For each field of `fields` (the swept ones but seed), curves_by_<field>
+  and final_by_<field>.png in `out_dir` (curves_over_seeds and
+  final_over_seeds without one); see figure_sweep_curves and
+  figure_sweep_finals. `values`: each run's swept values; `names`: the
+  fields' short names."""
+  out_dir = pathlib.Path(out_dir)
+  paths = []
+  for field in fields or [None]:
+    others = [f for f in fields if f != field]
+    part = f'by_{_file_part(names[field])}' if field else 'over_seeds'
+    fig = figure_sweep_curves(runs, values, field, others, names, accuracy,
+                              accuracy_label, target)
+    paths.append(_save(fig, out_dir / f'curves_{part}.png'))
+    fig = figure_sweep_finals(values, finals, field, others, names)
+    paths.append(_save(fig, out_dir / f'final_{part}.png'))
+  return paths
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,14 @@ that differ between them, their final metrics, and every figure of
 on how to read it.
 
   python -m cnn_lab.report WORKDIR [WORKDIR ...] --out report.html
+  python -m cnn_lab.report SWEEP [--target-accuracy 0.8] [--out FILE.html]
+
+A sweep folder (`sweep.json` with its runs as sub-folders, or any folder of
+run folders) gets its tables first (`cnn_lab.sweep_tables`: SWEEP/sweep.csv,
+sweep_groups.csv and sweep.md, one row per run and one per group of seeds)
+and figures grouped by the swept fields (SWEEP/plots/curves_by_<field>.png,
+final_by_<field>.png), then SWEEP/report.html: the tables, those figures
+and the report below over every run that logged a step.
 
 The figures are embedded as base64 PNGs and the CSS is inline, so the page
 needs no other file, no network and no JavaScript: mail it or archive it as
@@ -25,6 +33,7 @@ import tempfile
 
 from cnn_lab import plots
 from cnn_lab import runs as runs_lib
+from cnn_lab import sweep_tables
 from cnn_lab.errors import ArgumentParser, ConfigError
 
 # One sentence per figure: how to read it.
@@ -208,29 +217,34 @@ def _config_section(runs, heads) -> str:
   return '\n'.join(parts)
 
 
-def _figure(name: str, png: pathlib.Path) -> str:
+def _figure(name: str, png: pathlib.Path, caption: str | None = None) -> str:
   data = base64.b64encode(png.read_bytes()).decode('ascii')
   title = name.replace('_', ' ')
+  caption = CAPTIONS[name] if caption is None else caption
   return (f'<figure id="{name}">\n'
           f'<img src="data:image/png;base64,{data}" alt="figure: {title}">\n'
           f'<figcaption><b>{html.escape(title.capitalize())}.</b> '
-          f'{html.escape(CAPTIONS[name])}</figcaption>\n</figure>')
+          f'{html.escape(caption)}</figcaption>\n</figure>')
 
 
-def write_report(workdirs, out, verbose: bool = False) -> pathlib.Path:
-  """Writes the HTML page for `workdirs` to `out`; returns its path."""
+def write_report(workdirs, out, verbose: bool = False, *, title=None,
+                 top=()) -> pathlib.Path:
+  """Writes the HTML page for `workdirs` to `out`; returns its path.
+  `title` replaces the run names in the heading, `top` is HTML put before
+  the config section (a sweep's tables)."""
   say = print if verbose else (lambda *a, **k: None)
   runs = runs_lib.load_runs(workdirs)
   say(f'[report] {len(runs)} run(s): {", ".join(r.name for r in runs)}',
       flush=True)
   labels = plots.legend_labels(runs)
   heads = _run_heads(runs, labels)
-  names = ', '.join(r.name for r in runs)
+  names = title or ', '.join(r.name for r in runs)
   body = [f'<h1>cnn_lab report: {html.escape(names)}</h1>',
           f'<p class="meta">{len(runs)} run(s), written '
           f'{datetime.datetime.now():%Y-%m-%d %H:%M} by '
           '<code>python -m cnn_lab.report</code> from the files each run '
           'wrote.</p>',
+          *top,
           _config_section(runs, heads),
           '<h2>Final metrics</h2>',
           _table(heads, final_metrics(runs)),
@@ -261,14 +275,119 @@ def write_report(workdirs, out, verbose: bool = False) -> pathlib.Path:
   return out
 
 
+# The sweep figures' captions, by the PNG's stem before "_by_".
+SWEEP_CAPTIONS = {
+    'curves':
+        'Loss (top, log scale) and accuracy (bottom) against step, colour '
+        '= the value of the field named in the title, one column per '
+        'combination of the other swept fields: the line is the mean over '
+        'the runs that differ only in seed, the band their min to max; '
+        'the dashed line is the target accuracy of the tables.',
+    'final':
+        'The tables\' numbers against the values of the field named in '
+        'the title: a dot per run, a diamond per combination of the other '
+        'swept fields (colour) at the mean over seeds with ± one standard '
+        'deviation (ddof=1); a ratio of first- to last-layer gradient norm '
+        'far below 1 is a vanishing gradient.',
+}
+
+
+def _sweep_finals(tables) -> list[tuple[str, list, bool]]:
+  """(panel title, value per started run, log axis) for the final-values
+  figures: test accuracy (train where no run evaluated), steps to the
+  target, gradient-norm ratio."""
+  rows = [r for r in tables.run_rows if r['steps'] is not None]
+  test = [r['final_test_accuracy'] for r in rows]
+  if all(v is None for v in test):
+    accuracy = ('final train accuracy',
+                [r['final_train_accuracy'] for r in rows], False)
+  else:
+    accuracy = ('final test accuracy', test, False)
+  return [accuracy,
+          (f'steps to accuracy {tables.target:g}',
+           [r['steps_to_target'] for r in rows], False),
+          ('gradient norm, first / last weight layer',
+           [r['grad_ratio'] for r in rows], True)]
+
+
+def _sweep_figures(sweep, tables, out_dir) -> list[pathlib.Path]:
+  started = [r for r in sweep.runs if r.started]
+  names = dict(zip(sweep.fields, sweep_tables.short_names(sweep.fields)))
+  label = ('eval/accuracy' if tables.source == 'eval' else
+           f'train/accuracy, mean of {sweep_tables.SMOOTH_LINES} lines')
+  return plots.draw_sweep_figures(
+      [r.run for r in started], [r.values for r in started],
+      _sweep_finals(tables), sweep.group_fields, names, out_dir,
+      accuracy=lambda run: sweep_tables.accuracy_curve(run, tables.source),
+      accuracy_label=label, target=tables.target)
+
+
+def write_sweep_report(folder, out=None, *,
+                       target_accuracy=sweep_tables.DEFAULT_TARGET_ACCURACY,
+                       target_on='auto',
+                       verbose: bool = False) -> list[pathlib.Path]:
+  """The sweep in `folder`: its tables, its figures and the HTML page
+  (`out`, by default `folder/report.html`; the tables and `plots/` go
+  next to it). Returns the paths written; without a run that logged a
+  step, only the tables."""
+  say = print if verbose else (lambda *a, **k: None)
+  sweep = sweep_tables.load_sweep(folder)
+  tables = sweep_tables.make_tables(sweep, target_accuracy, target_on)
+  out = pathlib.Path(out) if out is not None else sweep.folder / 'report.html'
+  paths = sweep_tables.write_tables(tables, out.parent)
+  started = [r for r in sweep.runs if r.started]
+  say(f'[report] sweep {sweep.folder}: {len(sweep.runs)} runs, '
+      f'{len(started)} with training lines', flush=True)
+  if not started:
+    say('[report] no run has logged a training step yet: tables only',
+        flush=True)
+    return paths
+  figures = _sweep_figures(sweep, tables, out.parent / 'plots')
+  top = [sweep_tables.html_section(tables), '<h2>Sweep figures</h2>'] + [
+      _figure(p.stem, p, SWEEP_CAPTIONS[p.stem.split('_')[0]])
+      for p in figures]
+  page = write_report([r.workdir for r in started], out, verbose,
+                      title=tables.title, top=top)
+  return paths + figures + [page]
+
+
+def _is_sweep_call(workdirs) -> bool:
+  """One folder that is not itself a run: read as a sweep (whose loading
+  says what is wrong with a folder that holds no runs)."""
+  return len(workdirs) == 1 and not (
+      pathlib.Path(workdirs[0]) / 'config.json').exists()
+
+
 def main(argv=None) -> int:
   parser = ArgumentParser(prog='python -m cnn_lab.report',
                                 description=__doc__.split('\n\n')[0])
-  parser.add_argument('workdirs', nargs='+', help='run folders')
-  parser.add_argument('--out', required=True, help='the HTML file to write')
+  parser.add_argument('workdirs', nargs='+',
+                      help='run folders, or one sweep folder')
+  parser.add_argument('--out', default=None,
+                      help='the HTML file to write (required for run '
+                      'folders; a sweep\'s default is SWEEP/report.html, '
+                      'its tables and plots go next to it)')
+  parser.add_argument('--target-accuracy', type=float,
+                      default=sweep_tables.DEFAULT_TARGET_ACCURACY,
+                      help='a sweep\'s "steps to" column: the first step '
+                      'that reached this accuracy (default %(default)s)')
+  parser.add_argument('--target-on', choices=sweep_tables.TARGET_SOURCES,
+                      default='auto', help='the accuracy that column reads: '
+                      'eval/accuracy, train/accuracy (a trailing mean), or '
+                      'auto: eval when the runs evaluated along the way')
   args = parser.parse_args(argv)
+  sweep = _is_sweep_call(args.workdirs)
+  if not sweep and args.out is None:
+    parser.error('the following arguments are required: --out')
   try:
-    write_report(args.workdirs, args.out, verbose=True)
+    if sweep:
+      paths = write_sweep_report(args.workdirs[0], args.out,
+                                 target_accuracy=args.target_accuracy,
+                                 target_on=args.target_on, verbose=True)
+      for path in paths:
+        print(path)
+    else:
+      write_report(args.workdirs, args.out, verbose=True)
   except (ConfigError, OSError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2

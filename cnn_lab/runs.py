@@ -124,6 +124,18 @@ def load_runs(workdirs) -> list[RunFiles]:
   return runs
 
 
+def trailing_mean(steps, values, window: int) -> tuple[list, list]:
+  """Each finite value averaged with the finite ones before it, up to
+  `window` in all (a noisy mini-batch curve smoothed without looking
+  ahead); non-finite values are dropped."""
+  kept = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+  means = []
+  for i in range(len(kept)):
+    recent = [v for _, v in kept[max(0, i - window + 1):i + 1]]
+    means.append(sum(recent) / len(recent))
+  return [s for s, _ in kept], means
+
+
 def merge_order(name_lists) -> list[str]:
   """The union of several forward-ordered name lists: a name new to the
   merged list goes after the name before it in its own list."""
@@ -157,7 +169,12 @@ def flatten_config(d: dict, prefix='') -> dict:
 
 def differing_fields(runs: list[RunFiles]) -> list[str]:
   """Dotted config fields whose values differ between the runs (not name)."""
-  flats = [flatten_config(r.config) for r in runs]
+  return differing_config_fields([r.config for r in runs])
+
+
+def differing_config_fields(configs: list[dict]) -> list[str]:
+  """Dotted fields whose values differ between the configs (not name)."""
+  flats = [flatten_config(c) for c in configs]
   keys = sorted(set().union(*flats))
   return [k for k in keys
           if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1

@@ -36,13 +36,21 @@ def create_train_state(model, tx, image_shape, key) -> TrainState:
   # compiles the initialisation of a large network (GoogLeNet: ~130 arrays)
   # about 3x faster (measured 11s against 36s on 2 CPU cores).
   with jax.threefry_partitionable(False):
-    variables = jax.jit(functools.partial(model.init, train=False))(
+    variables = _jitted_init(model)(
         key, jnp.zeros((1, *image_shape), jnp.float32))
   return TrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
       batch_stats=variables.get('batch_stats', {}),
       first_nonfinite=jnp.full((3,), -1, jnp.int32),
       skipped_steps=jnp.zeros((), jnp.int32))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model):
+  """`model.init`, jitted once for equal models: the seeds of a group
+  (cnn_lab.seed_group) initialise one state each, and ResNet-20's
+  initialisation took 2.6 s to compile every time."""
+  return jax.jit(functools.partial(model.init, train=False))
 
 
 def _variables(state: TrainState, params) -> dict:
@@ -89,7 +97,7 @@ def _loss_and_grads(state: TrainState, batch, key, aux_loss_weight: float,
 def train_step(state: TrainState, batch, dropout_key, *, layer_names,
                schedule, activation_sites=(), bn_layers=(),
                aux_loss_weight: float = 0.3, layer_stats: bool = True,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, seed_axis: str | None = None):
   """One optimiser step; returns the new state and a flat dict of scalars.
 
   With `layer_stats`, the scalars include every per-layer statistic of
@@ -104,6 +112,13 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
   overflowed the norm). With `skip_nonfinite`, such a step changes nothing
   but the step counter and `skipped_steps`. Both versions update the state
   alike; `cnn_lab.train` runs the one with statistics on logged steps.
+
+  `seed_axis`: the axis name of a `jax.vmap` of this step over the seeds
+  of a group (`cnn_lab.seed_group`). Under vmap a `lax.cond` on a
+  per-seed predicate becomes a select that computes both branches at every
+  step (in the step without statistics, a second forward pass); with the
+  axis named, the search for where non-finite values started runs, for
+  every seed, only at steps where some seed needs it.
   """
   # A fresh dropout mask every step, derived from the step number so that a
   # resumed run draws the same masks as an uninterrupted one.
@@ -146,7 +161,10 @@ def train_step(state: TrainState, batch, dropout_key, *, layer_names,
       means = _activation_means(state, batch, key, activation_sites)
     return metrics_lib.nonfinite_origin(grads, layer_names, means)
 
-  origin = jax.lax.cond(ok, lambda: jnp.full((2,), -1, jnp.int32),
+  finite = ok
+  if seed_axis is not None:  # One predicate for the whole group.
+    finite = jax.lax.psum((~ok).astype(jnp.int32), seed_axis) == 0
+  origin = jax.lax.cond(finite, lambda: jnp.full((2,), -1, jnp.int32),
                         where_nonfinite)
   first = jnp.concatenate([
       jnp.asarray(state.step, jnp.int32)[None] + 1, origin])

@@ -19,6 +19,11 @@ a function with one job:
 Below it, sub-configs go in as keyword arguments (`make_datasets(
 **config.data)`, `create_model(...)`, `make_optimizer(**config.optim)`);
 the step functions themselves are `cnn_lab.steps`.
+
+With several devices the batches are split among them and the steps run
+on all (`cnn_lab.distributed`; with one, the program is the same as
+without it); in a run of several processes only process 0 writes the
+files.
 """
 
 import dataclasses
@@ -40,6 +45,7 @@ import ml_collections
 
 from cnn_lab import checkpoints as checkpoints_lib
 from cnn_lab import data as data_lib
+from cnn_lab import distributed
 from cnn_lab import metrics as metrics_lib
 from cnn_lab import models, optim, plots, writers
 from cnn_lab import steps as steps_lib
@@ -55,10 +61,11 @@ ON_NONFINITE = ('halt', 'skip')
 # ~3,200-21,000 on an H200 (ResNet-50 float32 to VGG16-BN bfloat16).
 MIN_UNLOGGED_STEPS = 1000
 
-# Everything a run writes into its workdir (--overwrite deletes these).
+# Everything a run writes into its workdir (--overwrite deletes these;
+# done.json is the mark cnn_lab.sweeps leaves on a finished run).
 RUN_FILES = ('config.json', 'layers.json', 'activations.json',
              'metrics.jsonl', 'tensorboard', 'plots', 'checkpoints',
-             'checkpoints_damaged')
+             'checkpoints_damaged', 'done.json')
 
 
 class Diverged(Exception):
@@ -79,20 +86,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
   options = validate_config(config, workdir)
   run, state = build_run(config, options)
-  resume = prepare_workdir(workdir, run, state, overwrite)
+  # Process 0 writes the files; every process learns whether it resumes.
+  resume = distributed.on_main(prepare_workdir, workdir, run, state,
+                               overwrite)
   state, start, checkpoints = restore(workdir, state, resume, options)
   if start >= run.num_steps:
     checkpoints.close()
     print(f'  the run was already complete ({run.num_steps} steps)',
           flush=True)
     return _last_evaluation(workdir)
-  outputs = Outputs(writers.MetricsWriter(workdir, metric_keys(run)),
+  outputs = Outputs(writers.MetricsWriter(workdir, metric_keys(run))
+                    if distributed.is_main() else _NoWriter(workdir),
                     checkpoints)
   t_begin = time.perf_counter()
   batches = data_lib.prefetch(
       run.datasets.train.train_batches(run.batch_size, run.seed,
                                        start_step=start),
-      size=3, transform=jax.device_put)
+      size=3, transform=distributed.put_batch)
   first = next(batches)
   steps = compile_steps(run, state, first, t_begin)
   eval_result = train_loop(run, steps, state, start,
@@ -155,6 +165,7 @@ def validate_config(config, workdir: pathlib.Path) -> Options:
   check_positive('train.batch_size', config.train.batch_size, integer=True)
   if config.train.get('num_steps') is not None:
     check_positive('train.num_steps', config.train.num_steps, integer=True)
+  check_positive('eval_batch_size', config.eval_batch_size, integer=True)
   return Options(layer_stats=layer_stats, probe_batch_size=probe_size,
                  checkpoint_keep=checkpoint_keep, on_nonfinite=on_nonfinite,
                  aux_loss_weight=aux_loss_weight)
@@ -265,10 +276,20 @@ class Run:
   resolved: dict  # The config as config.json holds it.
 
 
-def build_run(config, options: Options) -> tuple[Run, steps_lib.TrainState]:
+def build_run(config, options: Options, datasets=None
+              ) -> tuple[Run, steps_lib.TrainState]:
   """The dataset, model and optimiser of `config`, the initial train state,
-  and the layer, site and batch-norm names the statistics are keyed by."""
-  datasets = data_lib.make_datasets(**config.data)
+  and the layer, site and batch-norm names the statistics are keyed by.
+  `datasets`: those of `config.data`, already loaded (cnn_lab.seed_group
+  loads them once for its runs)."""
+  # Every batch is split evenly among the devices (cnn_lab.distributed);
+  # checked here, not in validate_config, which a sweep runs before its
+  # runs, in a process that must leave the devices alone.
+  distributed.check_batch_sizes(**{
+      'train.batch_size': config.train.batch_size,
+      'eval_batch_size': config.eval_batch_size,
+      'probe_batch_size': options.probe_batch_size})
+  datasets = datasets or data_lib.make_datasets(**config.data)
   model_cfg = config.model.to_dict()
   if model_cfg.get('num_classes') is None:
     model_cfg['num_classes'] = datasets.num_classes
@@ -277,8 +298,8 @@ def build_run(config, options: Options) -> tuple[Run, steps_lib.TrainState]:
   tx, schedule = optim.make_optimizer(**config.optim, num_steps=num_steps)
 
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-  state = steps_lib.create_train_state(model, tx, datasets.image_shape,
-                                       init_key)
+  state = distributed.replicate(steps_lib.create_train_state(
+      model, tx, datasets.image_shape, init_key))
   sample = (model, {'params': state.params, 'batch_stats': state.batch_stats},
             jnp.zeros((1, *datasets.image_shape), jnp.float32))
   resolved = config.to_dict()
@@ -289,8 +310,8 @@ def build_run(config, options: Options) -> tuple[Run, steps_lib.TrainState]:
       model=model, num_steps=num_steps, batch_size=config.train.batch_size,
       eval_batch_size=config.eval_batch_size,
       eval_num_examples=config.get('eval_num_examples'), seed=config.seed,
-      schedule=schedule, dropout_key=dropout_key,
-      probe_batch=jax.device_put(
+      schedule=schedule, dropout_key=distributed.replicate(dropout_key),
+      probe_batch=distributed.put_batch(
           datasets.train.fixed_batch(options.probe_batch_size)),
       layer_names=tuple(metrics_lib.layer_order(*sample)),
       sites=tuple(metrics_lib.activation_sites(*sample)),
@@ -395,7 +416,7 @@ def restore(workdir: pathlib.Path, state: steps_lib.TrainState, resume: bool,
   if not resume:
     return state, 0, checkpoints
   state, start = checkpoints.restore_latest(state)
-  kept = writers.truncate_metrics(workdir, start)
+  kept = distributed.on_main(writers.truncate_metrics, workdir, start)
   if start:
     print(f'  resumed from the checkpoint of step {start} '
           f'({kept} metric lines kept)', flush=True)
@@ -450,40 +471,55 @@ class Steps:
     return self.train[cadence.logs(step)]
 
 
-def compile_steps(run: Run, state, batch, t_begin: float) -> Steps:
-  """Jits the steps, and compiles the train step(s) and the probe here, so
-  that the first logged rate is the steps' own."""
-  names = dict(layer_names=run.layer_names, activation_sites=run.sites)
-  layer_stats = run.options.layer_stats
+def train_step_fn(run: Run, with_stats: bool, **kwargs) -> Callable:
+  """The run's train step, with or without per-layer statistics, before
+  jit (cnn_lab.seed_group vmaps it, with `kwargs` seed_axis)."""
+  step_fn = functools.partial(
+      steps_lib.train_step, layer_names=run.layer_names,
+      activation_sites=run.sites, bn_layers=run.bn_layers,
+      schedule=run.schedule, aux_loss_weight=run.options.aux_loss_weight,
+      layer_stats=with_stats,
+      skip_nonfinite=run.options.on_nonfinite == 'skip', **kwargs)
+  step_fn.__name__ = 'train_step_with_stats' if with_stats else 'train_step'
+  return step_fn
 
-  def jit_train_step(with_stats: bool):
-    step_fn = functools.partial(
-        steps_lib.train_step, **names, bn_layers=run.bn_layers,
-        schedule=run.schedule, aux_loss_weight=run.options.aux_loss_weight,
-        layer_stats=with_stats,
-        skip_nonfinite=run.options.on_nonfinite == 'skip')
-    step_fn.__name__ = 'train_step_with_stats' if with_stats else 'train_step'
-    return jax.jit(step_fn, donate_argnums=(0,))
 
-  probe = jax.jit(steps_lib.probe_step)
-  jax.block_until_ready(probe(state, run.probe_batch))
+def histogram_fn(run: Run) -> Callable:
+  """The run's histogram step, before jit."""
+  return functools.partial(
+      steps_lib.histogram_step, layer_names=run.layer_names,
+      activation_sites=run.sites,
+      aux_loss_weight=run.options.aux_loss_weight)
+
+
+def train_step_versions(run: Run) -> set[bool]:
+  """The versions of the train step the run compiles, keyed by whether
+  they compute statistics (`Steps`)."""
   # Counted over the whole run, not from the resumed step: a resumed run
   # takes the same version at every step as the uninterrupted one, so it
   # stays exact.
   unlogged = sum(not run.cadence.logs(step)
                  for step in range(1, run.num_steps + 1))
+  layer_stats = run.options.layer_stats
   split = layer_stats and unlogged >= MIN_UNLOGGED_STEPS
-  train = {v: jit_train_step(v).lower(state, batch, run.dropout_key).compile()
-           for v in ({True, False} if split else {layer_stats})}
-  which = ' (with and without statistics)' if split else ''
+  return {True, False} if split else {layer_stats}
+
+
+def compile_steps(run: Run, state, batch, t_begin: float) -> Steps:
+  """Jits the steps, and compiles the train step(s) and the probe here, so
+  that the first logged rate is the steps' own."""
+  probe = distributed.jit(steps_lib.probe_step)
+  jax.block_until_ready(probe(state, run.probe_batch))
+  versions = train_step_versions(run)
+  train = {v: distributed.jit(train_step_fn(run, v), donate_argnums=(0,))
+           .lower(state, batch, run.dropout_key).compile()
+           for v in versions}
+  which = ' (with and without statistics)' if len(versions) > 1 else ''
   print(f'  compiled the train step{which} and the probe in '
         f'{time.perf_counter() - t_begin:.1f}s', flush=True)
   return Steps(
-      train=train,
-      histogram=jax.jit(functools.partial(
-          steps_lib.histogram_step, **names,
-          aux_loss_weight=run.options.aux_loss_weight)),
-      probe=probe, eval=jax.jit(steps_lib.eval_step))
+      train=train, histogram=distributed.jit(histogram_fn(run)),
+      probe=probe, eval=distributed.jit(steps_lib.eval_step))
 
 
 # --- train_loop ---
@@ -500,14 +536,35 @@ class Outputs:
     self.checkpoints.close()
 
 
+class _NoWriter:
+  """The metrics writer of the processes other than 0, which write
+  nothing (`distributed.is_main`)."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.workdir = workdir
+
+  def write(self, step: int, scalars) -> dict:
+    return {'step': step, **scalars}
+
+  def write_histograms(self, step: int, arrays) -> None:
+    pass
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def train_loop(run: Run, steps: Steps, state, start: int, batches,
                outputs: Outputs) -> dict:
   """Steps `start + 1` to the last; returns the last evaluation's metrics.
   Raises Diverged (outputs closed) when the run diverged under 'halt'."""
   cadence = run.cadence
   progress = Progress(run.num_steps, run.batch_size)
-  reported = any('nonfinite/first_step' in line
-                 for line in writers.read_metrics(outputs.writer.workdir))
+  reported = not distributed.is_main() or any(
+      'nonfinite/first_step' in line
+      for line in writers.read_metrics(outputs.writer.workdir))
   eval_result = {}
   for step in range(start + 1, run.num_steps + 1):
     batch = next(batches)
@@ -582,7 +639,8 @@ def evaluate(eval_fn, state, pipeline, batch_size, num_examples) -> dict:
   when None)."""
   totals = None
   for batch in data_lib.prefetch(
-      pipeline.eval_batches(batch_size, num_examples), 2, jax.device_put):
+      pipeline.eval_batches(batch_size, num_examples), 2,
+      distributed.put_batch):
     out = eval_fn(state, batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
@@ -600,7 +658,8 @@ def _halt_if_diverged(run: Run, first_bad, outputs: Outputs) -> None:
   outputs.writer.close()
   steps = outputs.checkpoints.steps()
   outputs.checkpoints.close()
-  plots.plot_run(outputs.writer.workdir)  # A diverged run is worth a look.
+  if distributed.is_main():
+    plots.plot_run(outputs.writer.workdir)  # A diverged run is worth a look.
   kept = (f'the last good checkpoint is step {steps[-1]}' if steps
           else 'no checkpoint had been written yet')
   raise Diverged(
@@ -654,7 +713,7 @@ def finish(outputs: Outputs, t_begin: float) -> None:
   """Closes the files and draws the run's plots from them."""
   outputs.close()
   workdir = outputs.writer.workdir
-  plot_paths = plots.plot_run(workdir)
+  plot_paths = plots.plot_run(workdir) if distributed.is_main() else []
   print(f'done in {_format_duration(time.perf_counter() - t_begin)}: '
         f'metrics {workdir / "metrics.jsonl"}, {len(plot_paths)} plots in '
         f'{workdir / "plots"}', flush=True)

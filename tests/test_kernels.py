@@ -7,6 +7,7 @@ import platform
 import sys
 from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -421,14 +422,47 @@ def test_tiled_max_pool_splits_ties_as_jax_does(window, dtype):
   np.testing.assert_allclose(np.asarray(g, np.float32),
                              np.asarray(g_ref, np.float32), rtol=1e-2 if
                              dtype == jnp.bfloat16 else 1e-6)
-  # A NaN input: NaN out of its window, and back into all its cells.
+  # A NaN input: NaN out of its window, and back into all its cells, also
+  # under jit (where XLA turns a product by a 0/1 mask into a select).
   x_nan = x.at[0, 1, 2, 3].set(jnp.nan)
-  g_nan = jax.grad(lambda a: jnp.sum(
-      (pool(a) * probe).astype(jnp.float32)))(x_nan)
+  g_nan = jax.jit(jax.grad(lambda a: jnp.sum(
+      (pool(a) * probe).astype(jnp.float32))))(x_nan)
   g_nan_ref = jax.vjp(reference, x_nan)[1](probe)[0]
   assert np.isnan(np.asarray(g_nan_ref, np.float32)).sum() == window**2
   np.testing.assert_array_equal(np.isnan(np.asarray(g_nan, np.float32)),
                                 np.isnan(np.asarray(g_nan_ref, np.float32)))
+
+
+def test_tiled_max_pool_gradient_after_batch_norm_under_jit():
+  """LeNet-5's second block (convolution, batch norm, ReLU, 2x2 max
+  pooling) at its shape in the network, jitted. XLA recomputed the ReLU's
+  output inside the pooling gradient's fusions, rounded differently from
+  the fusion that computed the forward pass's y (a fused multiply-add in
+  one and not the other): compared with y, whole windows had no maximum,
+  and the gradients here came out NaN. Against the same block with
+  `nn.max_pool` (which gives a tie to its first cell, not a share to
+  each: the ties here are ReLU zeros, whose cells the ReLU's derivative
+  zeroes either way)."""
+  kx, kk, kp = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (64, 14, 14, 6))
+  kernel = jax.random.normal(kk, (5, 5, 6, 16)) * 0.1
+  probe = jax.random.normal(kp, (64, 5, 5, 16))
+  scale, bias = jnp.linspace(0.5, 1.5, 16), jnp.linspace(-0.5, 0.5, 16)
+
+  def grads(pool):
+    def loss(x, kernel, scale, bias):
+      h = kernels.conv2d(x, kernel, (1, 1), 'VALID', 'xla')
+      h = kernels.batch_norm_train(h, scale, bias, 1e-5)[0]
+      return jnp.sum(pool(jax.nn.relu(h)) * probe)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(
+        x, kernel, scale, bias)
+
+  ours = grads(lambda a: kernels.max_pool(a, 2, 2, 'VALID'))
+  theirs = grads(lambda a: nn.max_pool(a, (2, 2), (2, 2)))
+  for got, want in zip(ours, theirs):
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4,
+                               atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
 def test_batch_norm_train_gradient_of_all_three_outputs():

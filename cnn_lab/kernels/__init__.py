@@ -11,7 +11,9 @@ rule that matches:
   backend   layer                                 forward / dx / dw
   GPU, TPU  every layer                           XLA's (xla.py)
   CPU       float32, fewer than 128 channels on   oneDNN's, as XLA custom
-            either side, oneDNN built (setup.sh)  calls (onednn.py, csrc/)
+            either side, oneDNN built (setup.sh)  calls (onednn.py, csrc/),
+                                                  on several devices one
+                                                  call per device's rows
   CPU       1x1 kernel, or an output map of at    im2col matmuls
             most 15 pixels                        (direct.py)
   CPU       3x3, stride 1, 'SAME', float32:
@@ -31,8 +33,8 @@ above replaces XLA's path only where whole training steps ran faster.
 Accelerators keep XLA's own convolutions: `impl='fast'` forces the CPU's
 choice on any backend, for tests.
 
-`max_pool` takes `pooling.tiled_max_pool` for windows that tile the map
-(every backend); `batch_norm_train` (`batch_norm.py`, every backend) is
+`max_pool` takes `pooling.tiled_max_pool` for windows of up to 5x5 that
+tile the map (every backend); `batch_norm_train` (`batch_norm.py`, every backend) is
 flax's training-mode batch norm with its backward pass written out.
 
 `python -m cnn_lab.kernels` builds oneDNN's handlers (setup.sh runs it), or
