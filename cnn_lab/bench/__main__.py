@@ -67,16 +67,7 @@ def parse_args(argv):
   parser.add_argument('--no-pipeline', dest='pipeline', action='store_false')
   parser.add_argument('--out', default='runs/bench')
   args = parser.parse_args(argv)
-  args.models = [m for m in args.models.split(',') if m]
-  unknown = [m for m in args.models if m not in suite.MODELS]
-  if unknown or not args.models:
-    parser.error(f'--models: unknown {", ".join(unknown) or "(none given)"};'
-                 f' choose among {", ".join(suite.MODELS)}')
-  for flag in ('batch_size', 'resnet50_batch', 'rounds'):
-    if getattr(args, flag) < 1:
-      parser.error(f'--{flag}={getattr(args, flag)} must be at least 1')
-  if not args.min_seconds > 0:
-    parser.error(f'--min_seconds={args.min_seconds} must be positive')
+  suite.check_args(parser, args, ('batch_size', 'resnet50_batch', 'rounds'))
   if args.vs_torch:
     try:
       import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import

@@ -74,16 +74,7 @@ def parse_args(argv):
                       choices=('broadcast_all', 'sequential'),
                       help="how oneDNN's convolutions are vmapped")
   args = parser.parse_args(argv)
-  args.models = [m for m in args.models.split(',') if m]
-  unknown = [m for m in args.models if m not in suite.MODELS]
-  if unknown or not args.models:
-    parser.error(f'--models: unknown {", ".join(unknown) or "(none given)"};'
-                 f' choose among {", ".join(suite.MODELS)}')
-  for flag in ('k', 'batch_size', 'rounds'):
-    if getattr(args, flag) < 1:
-      parser.error(f'--{flag}={getattr(args, flag)} must be at least 1')
-  if not args.min_seconds > 0:
-    parser.error(f'--min_seconds={args.min_seconds} must be positive')
+  suite.check_args(parser, args, ('k', 'batch_size', 'rounds'))
   try:
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
   except OSError as e:

@@ -295,3 +295,19 @@ def machine_description() -> str:
   if vector:
     cpu = f'{cpu} ({vector})'
   return f'{cpu}, {len(os.sched_getaffinity(0))} cores'
+
+
+def check_args(parser, args, positive_ints) -> None:
+  """The checks the bench commands share: --models names known models
+  (turned into a list), the `positive_ints` flags are >= 1, --min_seconds
+  is positive; else parser.error (one line, exit 2)."""
+  args.models = [m for m in args.models.split(',') if m]
+  unknown = [m for m in args.models if m not in MODELS]
+  if unknown or not args.models:
+    parser.error(f'--models: unknown {", ".join(unknown) or "(none given)"};'
+                 f' choose among {", ".join(MODELS)}')
+  for flag in positive_ints:
+    if getattr(args, flag) < 1:
+      parser.error(f'--{flag}={getattr(args, flag)} must be at least 1')
+  if not args.min_seconds > 0:
+    parser.error(f'--min_seconds={args.min_seconds} must be positive')
