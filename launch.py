@@ -63,9 +63,10 @@ _PARALLEL = flags.DEFINE_integer(
     'parallel', 1, 'Sweep: tasks run at a time on this machine, each in its '
     "own process (the machine's CPUs are split between them).")
 _EXECUTOR = flags.DEFINE_enum(
-    'executor', 'local', ['local', 'slurm', 'submitit_local'],
+    'executor', 'local', ['local', 'slurm', 'submitit_local', 'inprocess'],
     'Sweep: local (a process pool here), slurm (one job per task through '
-    "submitit) or submitit_local (submitit's local executor).")
+    "submitit), submitit_local (submitit's local executor) or inprocess "
+    '(the tasks one after the other in this process: no start-up each).')
 _EMIT_COMMANDS = flags.DEFINE_bool(
     'emit_commands', False, 'Sweep: print one launch command per task and '
     'exit (run them anywhere, in any order).')
@@ -83,6 +84,9 @@ _PARTITION = flags.DEFINE_string('slurm_partition', None,
 _TIME_LIMIT = flags.DEFINE_integer(
     'time_limit_min', 60, 'Sweep, slurm/submitit: time limit of each job, '
     'in minutes.')
+_SWEEP_REPORT = flags.DEFINE_bool(
+    'sweep_report', True, 'Sweep: end with the HTML report of its finished '
+    'runs (python -m cnn_lab.report).')
 _WAIT = flags.DEFINE_bool(
     'wait', False, 'Sweep, slurm: wait for the jobs and report on them '
     '(submitit_local always waits).')
@@ -166,7 +170,8 @@ def main(argv):
         emit_commands=_EMIT_COMMANDS.value, sweep_runs=_SWEEP_RUN.value,
         vmap_seeds=_VMAP_SEEDS.value, overwrite=_OVERWRITE.value,
         gpus_per_run=_GPUS_PER_RUN.value, partition=_PARTITION.value,
-        time_limit_min=_TIME_LIMIT.value, wait=_WAIT.value)
+        time_limit_min=_TIME_LIMIT.value, wait=_WAIT.value,
+        report=_SWEEP_REPORT.value)
 
   try:  # A sweep's own checks come before JAX is imported.
     sweep = sweeps.load_sweep(_config_path(argv))

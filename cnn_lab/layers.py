@@ -162,14 +162,16 @@ class BatchNorm(nn.BatchNorm):
 
 
 def make_norm(norm: str, train: bool, name: str, epsilon: float = 1e-5,
-              dtype: Any = jnp.float32) -> Callable[[Array], Array]:
+              dtype: Any = jnp.float32, momentum: float = BN_MOMENTUM
+              ) -> Callable[[Array], Array]:
   """Batch norm over (N, H, W) per channel, with a learnable scale and shift;
   batch statistics in training, moving averages in evaluation. Whatever
   `dtype` (that of its output), the batch mean and variance are computed in
   float32, and scale, shift and moving averages are kept in float32
-  (`BatchNorm`)."""
+  (`BatchNorm`). `momentum` is the old value's weight in the moving
+  averages (PyTorch's `momentum` is one minus it)."""
   if norm == 'batch':
-    return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+    return BatchNorm(use_running_average=not train, momentum=momentum,
                      epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
                      name=name)
   return lambda x: x

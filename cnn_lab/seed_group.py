@@ -317,7 +317,7 @@ def train_phase(group: list[Member], start: int, until: int,
     if m.diverged is None:
       m.state, m.step = take(state, i), step
       if step == run.num_steps:
-        train.finish(m.outputs, t_begin)
+        train.finish(m.outputs, t_begin, m.run.options.plots)
 
 
 def log_group_step(group: list[Member], steps: train.Steps, state,

@@ -226,6 +226,22 @@ def probe_step(state: TrainState, batch) -> dict:
   (moving averages, as in inference) and `probe/bn_train_eval_gap`, the
   eval-mode loss minus the training-mode one.
   """
+  logits = train_mode_logits(state, batch['image'])
+  loss = metrics_lib.cross_entropy(logits, batch['label']).mean()
+  out = {'probe/loss': loss}
+  if state.batch_stats:
+    eval_logits = state.apply_fn(_variables(state, state.params),
+                                 batch['image'], train=False)
+    eval_loss = metrics_lib.cross_entropy(eval_logits, batch['label']).mean()
+    out['probe/eval_mode_loss'] = eval_loss
+    out['probe/bn_train_eval_gap'] = eval_loss - loss
+  return out
+
+
+def train_mode_logits(state: TrainState, images) -> jax.Array:
+  """The logits of the training-mode forward pass with dropout off: batch
+  norm normalises by the statistics of `images` themselves, and the moving
+  averages it would update are thrown away (`state` is left as it is)."""
 
   def without_dropout(next_fun, args, kwargs, context):
     if (isinstance(context.module, nn.Dropout)
@@ -235,25 +251,24 @@ def probe_step(state: TrainState, batch) -> dict:
 
   variables = _variables(state, state.params)
   with nn.intercept_methods(without_dropout):
-    if state.batch_stats:  # Updated statistics are thrown away.
-      logits, _ = state.apply_fn(variables, batch['image'], train=True,
+    if state.batch_stats:
+      logits, _ = state.apply_fn(variables, images, train=True,
                                  mutable=['batch_stats'])
     else:
-      logits = state.apply_fn(variables, batch['image'], train=True)
-  loss = metrics_lib.cross_entropy(logits, batch['label']).mean()
-  out = {'probe/loss': loss}
-  if state.batch_stats:
-    eval_logits = state.apply_fn(variables, batch['image'], train=False)
-    eval_loss = metrics_lib.cross_entropy(eval_logits, batch['label']).mean()
-    out['probe/eval_mode_loss'] = eval_loss
-    out['probe/bn_train_eval_gap'] = eval_loss - loss
-  return out
+      logits = state.apply_fn(variables, images, train=True)
+  return logits
 
 
 def eval_step(state: TrainState, batch):
   """Sums of loss and correct predictions over the unmasked examples."""
   logits = state.apply_fn(_variables(state, state.params), batch['image'],
                           train=False)
+  return eval_sums(logits, batch)
+
+
+def eval_sums(logits, batch) -> dict:
+  """What `eval_step` returns for `logits` of `batch`: sums of loss and
+  correct predictions over its unmasked examples, and their count."""
   mask = batch['mask']
   return {
       'loss_sum': jnp.sum(metrics_lib.cross_entropy(logits, batch['label'])

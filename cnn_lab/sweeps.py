@@ -24,10 +24,13 @@ program (`cnn_lab.seed_group`; `--vmap_seeds=false` runs them one by one).
 Each task is one `launch.py --sweep_run=NAME ...` process: `--parallel=N`
 of them at a time on this machine (the default), one SLURM job each with
 `--executor=slurm` (submitit), or their commands printed with
-`--emit_commands`. A finished run (`done.json` in its folder, written with
-the same config) is skipped when the sweep is launched again; an
-interrupted one resumes from its checkpoints; a failing one does not stop
-the others, and the sweep ends with a list of what failed and why.
+`--emit_commands`; `--executor=inprocess` trains the tasks one after the
+other in the launching process itself (no start-up per task: for many
+tiny runs, as in the experiments' smoke tests). A finished run
+(`done.json` in its folder, written with the same config) is skipped when
+the sweep is launched again; an interrupted one resumes from its
+checkpoints; a failing one does not stop the others, and the sweep ends
+with a list of what failed and why.
 
 The helpers and the expansion import no JAX (a config file imports this
 module); the process pool and submitit are only imported to run a sweep.
@@ -55,7 +58,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # it when launched again, if its config.json still matches).
 DONE_FILE = 'done.json'
 SWEEP_FILE = 'sweep.json'
-EXECUTORS = ('local', 'slurm', 'submitit_local')
+EXECUTORS = ('local', 'slurm', 'submitit_local', 'inprocess')
 
 
 # --- building sweeps: the helpers config files call ---
@@ -529,6 +532,32 @@ def run_pool(tasks: list[Task], commands: dict[str, list[str]],
   return failures
 
 
+def run_in_process(tasks: list[Task], folder: pathlib.Path,
+                   overwrite: bool = False, out=None) -> dict[str, str]:
+  """Trains the tasks one after the other in this process (their output
+  on this one's); a failing task (bad input, divergence, an exception) is
+  recorded and the next one starts. Returns {task name: why it failed}."""
+  out = out or sys.stdout
+  tally = Tally(len(tasks), 1)
+  failures = {}
+  for task in tasks:
+    tally.start(task.name)
+    print(f'start {task.name} {tally.line()}', file=out, flush=True)
+    try:
+      train_task(list(task.runs), folder, overwrite)
+      ok = True
+    except KeyboardInterrupt:
+      raise
+    except Exception as e:  # noqa: BLE001 (one failure must not stop all)
+      failures[task.name] = f'{type(e).__name__}: {e}'.splitlines()[0]
+      ok = False
+    seconds = tally.end(task.name, ok)
+    what = 'done' if ok else f'FAILED ({failures[task.name]})'
+    print(f'{what}: {task.name} in {format_duration(seconds)} '
+          f'{tally.line()}', file=out, flush=True)
+  return failures
+
+
 def _stop(proc: subprocess.Popen) -> None:
   import signal
   try:
@@ -663,15 +692,19 @@ def run_sweep(config, config_path: str, overrides: list[dict],
              if len(tasks) < len(runs) else '')
   where = {'local': f'{min(parallel, len(todo))} at a time here',
            'slurm': 'as SLURM jobs',
-           'submitit_local': "through submitit's local executor"}[executor]
+           'submitit_local': "through submitit's local executor",
+           'inprocess': 'one after the other in this process'}[executor]
   print(f'sweep {folder}: {len(runs)} runs{grouped}; {skipped} task(s) '
         f'already finished, {len(todo)} to run, {where}; logs in '
         f'{folder / "logs"}', file=out, flush=True)
   start = time.monotonic()
-  if executor == 'local':
+  if executor in ('local', 'inprocess'):
     try:
-      failures = run_pool(todo, commands, folder, parallel, gpus_per_run,
-                          out=out)
+      if executor == 'local':
+        failures = run_pool(todo, commands, folder, parallel, gpus_per_run,
+                            out=out)
+      else:
+        failures = run_in_process(todo, folder, overwrite, out=out)
     except KeyboardInterrupt:
       return 130
   else:
@@ -696,7 +729,7 @@ def run_sweep(config, config_path: str, overrides: list[dict],
 
 def _check_executor(executor: str) -> None:
   """submitit installed, and SLURM's commands for --executor=slurm."""
-  if executor == 'local':
+  if executor in ('local', 'inprocess'):
     return
   if importlib.util.find_spec('submitit') is None:
     raise ConfigError(f'--executor={executor} needs submitit: pip install '

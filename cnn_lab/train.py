@@ -107,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   steps = compile_steps(run, state, first, t_begin)
   eval_result = train_loop(run, steps, state, start,
                            itertools.chain([first], batches), outputs)
-  finish(outputs, t_begin)
+  finish(outputs, t_begin, run.options.plots)
   return {k: float(v) for k, v in eval_result.items()}
 
 
@@ -122,6 +122,7 @@ class Options:
   checkpoint_keep: int
   on_nonfinite: str
   aux_loss_weight: float
+  plots: bool = True
 
 
 def validate_config(config, workdir: pathlib.Path) -> Options:
@@ -136,10 +137,12 @@ def validate_config(config, workdir: pathlib.Path) -> Options:
                         'integer >= 0 (0: ' + (
                             'off)' if field.startswith('hist')
                             else 'only at the end)'))
+  for field in ('layer_stats', 'plots', 'log_first_step'):
+    value = config.get(field, field != 'log_first_step')
+    if not isinstance(value, bool):
+      raise ConfigError(f'{field}={value!r} is not allowed; it must be True '
+                        'or False')
   layer_stats = config.get('layer_stats', True)
-  if not isinstance(layer_stats, bool):
-    raise ConfigError(f'layer_stats={layer_stats!r} is not allowed; it must '
-                      'be True or False')
   probe_size = config.get('probe_batch_size', 256)
   check_positive('probe_batch_size', probe_size, integer=True)
   checkpoint_keep = config.get('checkpoint_keep', 3)
@@ -168,7 +171,8 @@ def validate_config(config, workdir: pathlib.Path) -> Options:
   check_positive('eval_batch_size', config.eval_batch_size, integer=True)
   return Options(layer_stats=layer_stats, probe_batch_size=probe_size,
                  checkpoint_keep=checkpoint_keep, on_nonfinite=on_nonfinite,
-                 aux_loss_weight=aux_loss_weight)
+                 aux_loss_weight=aux_loss_weight,
+                 plots=config.get('plots', True))
 
 
 def _check_workdir_writable(workdir: pathlib.Path) -> None:
@@ -229,10 +233,12 @@ class Cadence:
   eval_every: int
   checkpoint_every: int
   histogram_every: int
+  first: bool = False  # Also log step 1 (the gradients at initialisation).
 
   @classmethod
   def from_config(cls, config, num_steps: int) -> 'Cadence':
     return cls(num_steps=num_steps,
+               first=config.get('log_first_step', False),
                log_every=config.get('log_every_steps', 0) or num_steps,
                eval_every=config.get('eval_every_steps', 0) or num_steps,
                checkpoint_every=(config.get('checkpoint_every_steps', 0)
@@ -240,7 +246,8 @@ class Cadence:
                histogram_every=config.get('histogram_every_steps', 0))
 
   def logs(self, step: int) -> bool:
-    return step % self.log_every == 0 or step == self.num_steps
+    return (step % self.log_every == 0 or step == self.num_steps
+            or (self.first and step == 1))
 
   def evaluates(self, step: int) -> bool:
     return step % self.eval_every == 0 or step == self.num_steps
@@ -658,7 +665,7 @@ def _halt_if_diverged(run: Run, first_bad, outputs: Outputs) -> None:
   outputs.writer.close()
   steps = outputs.checkpoints.steps()
   outputs.checkpoints.close()
-  if distributed.is_main():
+  if distributed.is_main() and run.options.plots:
     plots.plot_run(outputs.writer.workdir)  # A diverged run is worth a look.
   kept = (f'the last good checkpoint is step {steps[-1]}' if steps
           else 'no checkpoint had been written yet')
@@ -709,11 +716,13 @@ def _format_duration(seconds: float) -> str:
 # --- finish ---
 
 
-def finish(outputs: Outputs, t_begin: float) -> None:
-  """Closes the files and draws the run's plots from them."""
+def finish(outputs: Outputs, t_begin: float, draw_plots: bool = True) -> None:
+  """Closes the files and draws the run's plots from them (unless
+  `draw_plots` is false: config.plots=False)."""
   outputs.close()
   workdir = outputs.writer.workdir
-  plot_paths = plots.plot_run(workdir) if distributed.is_main() else []
+  plot_paths = (plots.plot_run(workdir)
+                if distributed.is_main() and draw_plots else [])
   print(f'done in {_format_duration(time.perf_counter() - t_begin)}: '
         f'metrics {workdir / "metrics.jsonl"}, {len(plot_paths)} plots in '
         f'{workdir / "plots"}', flush=True)

@@ -28,6 +28,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model.dropout_rate = 0.5  # Before fc1 and fc2; in [0, 1).
   config.model.lrn = False  # Local response norm after conv1 and conv2.
   config.model.norm = 'none'  # 'batch': BN before each activation.
+  config.model.bn_momentum = 0.9  # Old value's weight in BN's averages.
   config.model.kernel_init = 'he_normal'  # Paper: 'normal' with std 0.01.
   config.model.init_std = 0.01  # Std of kernel_init='normal'.
   config.model.width = 1.0  # Channel and hidden-unit multiplier.

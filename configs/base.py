@@ -43,6 +43,7 @@ def get_config() -> config_dict.ConfigDict:
   config.train.aux_loss_weight = 0.3  # Auxiliary heads' loss (GoogLeNet).
 
   config.log_every_steps = 50  # Metrics line and progress every N steps.
+  config.log_first_step = False  # Also log step 1: gradients at init.
   config.layer_stats = True  # Per-layer statistics, in logged steps only.
   config.probe_batch_size = 256  # Fixed training batch for probe/* losses.
   config.histogram_every_steps = 0  # TensorBoard histograms; 0: off.
@@ -52,4 +53,5 @@ def get_config() -> config_dict.ConfigDict:
   config.eval_every_steps = 1000  # Test-split evaluation; 0: at the end only.
   config.eval_batch_size = 500  # Batch size of evaluation.
   config.eval_num_examples = config_dict.placeholder(int)  # None: whole split.
+  config.plots = True  # The run's figures in WORKDIR/plots at the end.
   return config

@@ -27,6 +27,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model.aux_heads = False  # Two auxiliary classifiers (training only).
   config.model.head = 'gap'  # gap (global average pool) or fc (flatten).
   config.model.norm = 'batch'  # 'none': the paper's network without BN.
+  config.model.bn_momentum = 0.9  # Old value's weight in BN's averages.
   config.model.activation = 'relu'  # relu, tanh or sigmoid.
   config.model.dropout_rate = 0.2  # Before the classifier (paper: 0.4).
   config.model.lrn = False  # The paper's two local response norms (stem).

@@ -19,6 +19,8 @@ def get_config() -> config_dict.ConfigDict:
   config.model.activation = 'relu'  # relu (modern); tanh or sigmoid (classic).
   config.model.pool = 'max'  # max (modern) or avg (classic subsampling).
   config.model.norm = 'none'  # 'batch': BN before each activation.
+  config.model.bn_momentum = 0.9  # Old value's weight in BN's averages.
+  config.model.dropout_rate = 0.0  # After fc1 and fc2 (paper: none).
   config.model.kernel_init = 'lecun_uniform'  # he_*, glorot_*, lecun_*, normal.
   config.model.init_std = 0.01  # Std of kernel_init='normal'.
   config.model.width = 1.0  # Channel and hidden-unit multiplier.

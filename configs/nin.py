@@ -22,6 +22,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model.dropout_rate = 0.5  # After the first two mlpconv blocks.
   config.model.activation = 'relu'  # relu, tanh or sigmoid.
   config.model.norm = 'none'  # 'batch': BN after every convolution.
+  config.model.bn_momentum = 0.9  # Old value's weight in BN's averages.
   config.model.kernel_init = 'he_normal'  # he_*, glorot_*, lecun_*, normal.
   config.model.init_std = 0.01  # Std of kernel_init='normal'.
   config.model.width = 1.0  # Multiplier of all but the class maps.

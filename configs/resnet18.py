@@ -21,6 +21,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model.shortcut = 'B'  # A (zero-pad), B or C (1x1 projections).
   config.model.bottleneck_stride = '1x1'  # 1x1 (paper) or 3x3 (torchvision).
   config.model.norm = 'batch'  # 'none': without batch norm.
+  config.model.bn_momentum = 0.9  # Old value's weight in BN's averages.
   config.model.activation = 'relu'  # relu, tanh or sigmoid.
   config.model.kernel_init = 'he_normal'  # he_*, glorot_*, lecun_*, normal.
   config.model.init_std = 0.01  # Std of kernel_init='normal'.

@@ -24,6 +24,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model.residual = True  # False: the paper's plain network.
   config.model.shortcut = 'A'  # A (zero-pad), B or C (1x1 projections).
   config.model.norm = 'batch'  # 'none': without batch norm.
+  config.model.bn_momentum = 0.9  # Old value's weight in BN's averages.
   config.model.activation = 'relu'  # relu, tanh or sigmoid.
   config.model.kernel_init = 'he_normal'  # he_*, glorot_*, lecun_*, normal.
   config.model.init_std = 0.01  # Std of kernel_init='normal'.

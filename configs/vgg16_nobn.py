@@ -22,6 +22,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model = config_dict.ConfigDict()
   config.model.name = 'vgg16'  # vgg11, vgg13, vgg16 or vgg19.
   config.model.norm = 'none'  # 'batch': BN between each conv and its ReLU.
+  config.model.bn_momentum = 0.9  # Old value's weight in BN's averages.
   config.model.activation = 'relu'  # relu, tanh or sigmoid.
   config.model.dropout_rate = 0.5  # Dropout after fc1 and fc2; in [0, 1).
   config.model.kernel_init = 'glorot_uniform'  # he_*, glorot_*, lecun_*, normal.

@@ -9,6 +9,7 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -315,6 +316,37 @@ def test_real_run_writes_histograms_and_activation_sites(tmp_path):
     assert f'act_dead/{site}' not in train_lines[-1]  # tanh: no dead units.
   assert all('probe/loss' in l for l in train_lines)
   assert 'probe/bn_train_eval_gap' not in train_lines[-1]  # No batch norm.
+
+
+def test_cadence_logs_the_first_step_when_asked():
+  plain = train.Cadence(num_steps=10, log_every=4, eval_every=10,
+                        checkpoint_every=10, histogram_every=0)
+  first = train.Cadence(num_steps=10, log_every=4, eval_every=10,
+                        checkpoint_every=10, histogram_every=0, first=True)
+  assert [s for s in range(1, 11) if plain.logs(s)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if first.logs(s)] == [1, 4, 8, 10]
+  assert [s for s in range(1, 11) if first.evaluates(s)] == [10]
+
+
+def test_log_first_step_and_no_plots(tmp_path):
+  """log_first_step adds step 1 (the gradients at initialisation) to the
+  logged steps; plots=False leaves WORKDIR/plots empty."""
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(_lenet_config(log_every_steps=3,
+                                         log_first_step=True, plots=False),
+                           workdir)
+  lines = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+  logged = [l['step'] for l in lines if 'train/loss' in l]
+  assert logged == [1, 3, 4]
+  assert all('grad_norm/conv1' in l for l in lines if 'train/loss' in l)
+  assert not list((workdir / 'plots').glob('*'))
+
+
+@pytest.mark.parametrize('field', ['log_first_step', 'plots'])
+def test_bool_fields_are_checked(tmp_path, field):
+  with pytest.raises(train.ConfigError, match=f'{field}=.yes. is not allowed'):
+    train.validate_config(ml_collections.ConfigDict(
+        {**_lenet_config().to_dict(), field: 'yes'}), tmp_path / 'run')
 
 
 

@@ -13,6 +13,7 @@ import json
 import pathlib
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -486,7 +487,9 @@ def test_auxiliary_heads_only_in_training_with_weighted_loss():
     (dict(name='googlenet', branch5='7x7'), 'model.branch5'),
     (dict(name='googlenet', head='mlp'), 'model.head'),
     (dict(name='lenet5', pool='median'), 'model.pool'),
-    (dict(name='lenet5', dropout_rate=0.5), 'model.dropout_rate is not a knob'),
+    (dict(name='lenet5', dropout_rate=1.0), 'model.dropout_rate'),
+    (dict(name='lenet5', bn_momentum=1.0), r'model.bn_momentum.*\[0, 1\)'),
+    (dict(name='resnet20', bn_momentum=-0.1), 'model.bn_momentum'),
 ])
 def test_bad_knobs(knobs, match):
   with pytest.raises(ConfigError, match=match):
@@ -522,3 +525,51 @@ def test_kernel_init_scales(init, expected_std):
                                rtol=0.05 if layer == 'conv2' else 0.02)
   if init == 'truncated_normal':
     assert np.abs(np.asarray(params['fc1']['kernel'])).max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize('name', ['lenet5', 'resnet20'])
+def test_bn_momentum_weights_the_old_moving_mean(name):
+  """One training-mode pass from moving means of zero: the first batch norm's
+  new moving mean is (1 - momentum) times the batch mean of the convolution
+  it follows, taken here from the captured convolution output."""
+  x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1)) + 0.5
+  moved = {}
+  for momentum in (0.9, 0.5):
+    model = models.create_model(name=name, num_classes=10, norm='batch',
+                                bn_momentum=momentum, conv_impl='xla')
+    variables = init_variables(model, x)
+    _, updated = model.apply(variables, x, train=True,
+                             mutable=['batch_stats', 'intermediates'],
+                             capture_intermediates=lambda m, _: (
+                                 m.name == 'conv1'))
+    conv1 = updated['intermediates']['conv1']['__call__'][0]
+    batch_mean = np.asarray(conv1).mean(axis=(0, 1, 2))
+    new_mean = np.asarray(updated['batch_stats']['bn1']['mean'])
+    np.testing.assert_allclose(new_mean, (1 - momentum) * batch_mean,
+                               rtol=1e-4, atol=1e-6)
+    moved[momentum] = new_mean
+  assert not np.allclose(moved[0.9], moved[0.5])
+
+
+def test_lenet_dropout_only_in_training():
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  plain = models.create_model(name='lenet5', num_classes=10)
+  dropped = models.create_model(name='lenet5', num_classes=10,
+                                dropout_rate=0.5)
+  variables = init_variables(plain, x)
+  assert param_shapes('lenet5', (1, 28, 28, 1)) == param_shapes(
+      'lenet5', (1, 28, 28, 1), dropout_rate=0.5)
+  rngs = {'dropout': jax.random.key(2)}
+  ref = plain.apply(variables, x, train=True, rngs=rngs)
+  np.testing.assert_allclose(dropped.apply(variables, x, train=False),
+                             plain.apply(variables, x, train=False),
+                             rtol=1e-6)
+  assert not np.allclose(dropped.apply(variables, x, train=True, rngs=rngs),
+                         ref)
+  # Half the units of fc1's activation dropped, the rest scaled by 2.
+  _, inter = dropped.apply(variables, x, train=True, rngs=rngs,
+                           mutable=['intermediates'],
+                           capture_intermediates=lambda m, _: isinstance(
+                               m, nn.Dropout))
+  kept = np.asarray(jax.tree.leaves(inter)[0])
+  assert 0.35 < (kept == 0).mean() < 0.65

@@ -109,6 +109,12 @@ def create_model(*, name: str, **knobs) -> nn.Module:
     if not math.isfinite(rate) or not 0 <= rate < 1:
       raise ConfigError(f'model.dropout_rate={rate!r} is not allowed; it '
                         'must be in [0, 1)')
+  if 'bn_momentum' in values:
+    m = values['bn_momentum']
+    if not math.isfinite(m) or not 0 <= m < 1:
+      raise ConfigError(f'model.bn_momentum={m!r} is not allowed; it must be '
+                        'in [0, 1) (the weight of the old value in the '
+                        'moving averages; PyTorch momentum=0.1 is 0.9)')
   if 'head_features' in values and not (
       values['head_features'] is None and allowed['head_features'] is None):
     features = values['head_features']

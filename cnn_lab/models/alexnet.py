@@ -40,6 +40,7 @@ class AlexNet(nn.Module):
   dropout_rate: float = 0.5
   lrn: bool = False
   norm: str = 'none'
+  bn_momentum: float = 0.9  # Old value's weight in BN's moving averages.
   kernel_init: str = 'normal'
   init_std: float = 0.01  # The paper's N(0, 0.01^2).
   width: float = 1.0
@@ -63,7 +64,8 @@ class AlexNet(nn.Module):
       x = layers.Conv(layers.scale_width(ch, self.width), kernel_init=init,
                       impl=self.conv_impl, dtype=dtype, name=f'conv{i}',
                       **spec)(x)
-      x = layers.make_norm(self.norm, train, f'bn{i}', dtype=dtype)(x)
+      x = layers.make_norm(self.norm, train, f'bn{i}', dtype=dtype,
+                           momentum=self.bn_momentum)(x)
       x = layers.Activation(self.activation, name=f'act{i}')(x)
       if self.lrn and i <= 2:
         x = layers.local_response_norm(x)

@@ -78,6 +78,7 @@ class ConvNormAct(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -87,7 +88,7 @@ class ConvNormAct(nn.Module):
                     kernel_init=self.kernel_init, impl=self.conv_impl,
                     dtype=self.dtype, name='conv')(x)
     x = layers.make_norm(self.norm, train, 'bn', epsilon=BN_EPSILON,
-                         dtype=self.dtype)(x)
+                         dtype=self.dtype, momentum=self.bn_momentum)(x)
     return layers.Activation(self.activation, name='act')(x)
 
 
@@ -158,6 +159,7 @@ class GoogLeNet(nn.Module):
   aux_heads: bool = False
   head: str = 'gap'  # 'gap' or 'fc'.
   norm: str = 'batch'
+  bn_momentum: float = 0.9  # Old value's weight in BN's moving averages.
   activation: str = 'relu'
   dropout_rate: float = 0.2
   lrn: bool = False
@@ -181,7 +183,8 @@ class GoogLeNet(nn.Module):
     x = x.astype(dtype)
     def conv(features, kernel, stride=1, name=None):
       return ConvNormAct(features, kernel, stride, self.norm, self.activation,
-                         init, self.conv_impl, dtype, name=name)
+                         init, self.conv_impl, dtype, self.bn_momentum,
+                         name=name)
 
     w = lambda c: layers.scale_width(c, self.width)
     small = layers.is_small_input(x)

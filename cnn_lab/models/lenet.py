@@ -19,8 +19,11 @@ output is a dense layer trained with softmax cross-entropy rather than
 Euclidean RBF units. The paper draws weights from U(-2.4/F, 2.4/F) (F the
 fan-in); the default `kernel_init='lecun_uniform'` is the same fan-in rule
 with a wider bound, U(-sqrt(3/F), sqrt(3/F)), which keeps unit variance.
-`norm='batch'` puts batch norm between each convolution or hidden dense layer
-and its activation (not in the paper). Inputs of 64x64 and more keep the
+`dropout_rate` (0 by default, as in the paper) drops units after the
+activations of C5 (fc1) and F6 (fc2); `bn_momentum` is the weight of the old
+value in batch norm's moving averages. `norm='batch'` puts batch norm
+between each convolution or hidden dense layer and its activation (not in
+the paper). Inputs of 64x64 and more keep the
 same layers; the map before C5 is then larger and C5 has more inputs.
 """
 
@@ -36,9 +39,11 @@ class LeNet5(nn.Module):
   activation: str = 'tanh'
   pool: str = 'avg'  # 'avg' (classic) or 'max' (modern).
   norm: str = 'none'
+  bn_momentum: float = 0.9  # Old value's weight in BN's moving averages.
   kernel_init: str = 'lecun_uniform'
   init_std: float = 0.01  # Only for kernel_init='normal'.
   width: float = 1.0
+  dropout_rate: float = 0.0  # After fc1 and fc2 (the paper has none).
   conv_impl: str = 'auto'
   dtype: str = 'float32'  # Compute dtype; parameters stay float32.
 
@@ -58,14 +63,17 @@ class LeNet5(nn.Module):
       x = layers.Conv(layers.scale_width(ch, self.width), (5, 5),
                       padding=pad, kernel_init=init, impl=self.conv_impl,
                       dtype=dtype, name=f'conv{i}')(x)
-      x = layers.make_norm(self.norm, train, f'bn{i}', dtype=dtype)(x)
+      x = layers.make_norm(self.norm, train, f'bn{i}', dtype=dtype,
+                           momentum=self.bn_momentum)(x)
       x = pool(layers.Activation(self.activation, name=f'act{i}')(x), 2)
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate((120, 84), 1):
       x = nn.Dense(layers.scale_width(features, self.width), kernel_init=init,
                    dtype=dtype, name=f'fc{i}')(x)
-      x = layers.make_norm(self.norm, train, f'fc_bn{i}', dtype=dtype)(x)
+      x = layers.make_norm(self.norm, train, f'fc_bn{i}', dtype=dtype,
+                           momentum=self.bn_momentum)(x)
       x = layers.Activation(self.activation, name=f'fc{i}_act')(x)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, kernel_init=init, dtype=dtype,
                  name='fc3')(x)
     return x.astype(jnp.float32)  # Logits (and the loss) in float32.

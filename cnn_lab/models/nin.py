@@ -49,6 +49,7 @@ class NiN(nn.Module):
   dropout_rate: float = 0.5
   activation: str = 'relu'
   norm: str = 'none'
+  bn_momentum: float = 0.9  # Old value's weight in BN's moving averages.
   kernel_init: str = 'he_normal'  # The paper does not state one.
   init_std: float = 0.01  # Only for kernel_init='normal'.
   width: float = 1.0
@@ -73,7 +74,7 @@ class NiN(nn.Module):
                         kernel_init=init, impl=self.conv_impl, dtype=dtype,
                         name=f'mlpconv{b}_conv{i}')(x)
         x = layers.make_norm(self.norm, train, f'mlpconv{b}_bn{i}',
-                             dtype=dtype)(x)
+                             dtype=dtype, momentum=self.bn_momentum)(x)
         x = layers.Activation(self.activation, name=f'mlpconv{b}_act{i}')(x)
       if pool == 'max':
         x = layers.max_pool(x, 3, 2, padding='CEIL')

@@ -69,6 +69,7 @@ class Block(nn.Module):
   bottleneck_stride: str = '1x1'
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -89,7 +90,8 @@ class Block(nn.Module):
     y = x
     for i, (features, kernel, stride) in enumerate(specs, 1):
       y = conv(features, kernel, stride, f'conv{i}')(y)
-      y = layers.make_norm(self.norm, train, f'bn{i}', dtype=self.dtype)(y)
+      y = layers.make_norm(self.norm, train, f'bn{i}', dtype=self.dtype,
+                           momentum=self.bn_momentum)(y)
       if i < len(specs):
         y = layers.Activation(self.activation, name=f'act{i}')(y)
     if self.residual:
@@ -100,8 +102,8 @@ class Block(nn.Module):
     changes = self.stride != 1 or x.shape[-1] != self.features
     if self.shortcut == 'C' or (self.shortcut == 'B' and changes):
       x = conv(self.features, 1, self.stride, 'proj_conv')(x)
-      return layers.make_norm(self.norm, train, 'proj_bn',
-                              dtype=self.dtype)(x)
+      return layers.make_norm(self.norm, train, 'proj_bn', dtype=self.dtype,
+                              momentum=self.bn_momentum)(x)
     if not changes:
       return x
     if self.stride != 1:  # Option A: subsample and pad with zero channels.
@@ -119,6 +121,7 @@ class ResNet(nn.Module):
   shortcut: str = 'B'
   bottleneck_stride: str = '1x1'  # Paper: '1x1'; torchvision: '3x3'.
   norm: str = 'batch'
+  bn_momentum: float = 0.9  # Old value's weight in BN's moving averages.
   activation: str = 'relu'
   kernel_init: str = 'he_normal'
   init_std: float = 0.01  # Only for kernel_init='normal'.
@@ -144,7 +147,8 @@ class ResNet(nn.Module):
                     padding=stem[0] // 2, use_bias=self.norm == 'none',
                     kernel_init=init, impl=self.conv_impl, dtype=dtype,
                     name='conv1')(x)
-    x = layers.make_norm(self.norm, train, 'bn1', dtype=dtype)(x)
+    x = layers.make_norm(self.norm, train, 'bn1', dtype=dtype,
+                         momentum=self.bn_momentum)(x)
     x = layers.Activation(self.activation, name='act1')(x)
     if stem[1] == 2:  # The ImageNet stem's 3x3/2 max-pool.
       x = layers.max_pool(x, 3, 2, padding=1)
@@ -155,7 +159,8 @@ class ResNet(nn.Module):
         x = Block(w(ch) * expansion if kind == 'bottleneck' else w(ch),
                   stride, kind == 'bottleneck', self.residual, self.shortcut,
                   self.norm, self.activation, init, self.bottleneck_stride,
-                  self.conv_impl, dtype, name=f'stage{s}_block{b}')(
+                  self.conv_impl, dtype, self.bn_momentum,
+                  name=f'stage{s}_block{b}')(
                       x, train=train)
     x = layers.global_avg_pool(x)
     x = nn.Dense(self.num_classes, kernel_init=init, dtype=dtype,
@@ -170,6 +175,7 @@ class CifarResNet(nn.Module):
   residual: bool = True
   shortcut: str = 'A'
   norm: str = 'batch'
+  bn_momentum: float = 0.9  # Old value's weight in BN's moving averages.
   activation: str = 'relu'
   kernel_init: str = 'he_normal'
   init_std: float = 0.01  # Only for kernel_init='normal'.
@@ -197,7 +203,8 @@ class CifarResNet(nn.Module):
     x = layers.Conv(w(16), (3, 3), padding=1, use_bias=self.norm == 'none',
                     kernel_init=init, impl=self.conv_impl, dtype=dtype,
                     name='conv1')(x)
-    x = layers.make_norm(self.norm, train, 'bn1', dtype=dtype)(x)
+    x = layers.make_norm(self.norm, train, 'bn1', dtype=dtype,
+                         momentum=self.bn_momentum)(x)
     x = layers.Activation(self.activation, name='act1')(x)
     n = (self.depth - 2) // 6
     for s, ch in enumerate((16, 32, 64), 1):
@@ -205,7 +212,8 @@ class CifarResNet(nn.Module):
         stride = 2 if (b == 1 and s > 1) else 1
         x = Block(w(ch), stride, False, self.residual, self.shortcut,
                   self.norm, self.activation, init, conv_impl=self.conv_impl,
-                  dtype=dtype, name=f'stage{s}_block{b}')(x, train=train)
+                  dtype=dtype, bn_momentum=self.bn_momentum,
+                  name=f'stage{s}_block{b}')(x, train=train)
     x = layers.global_avg_pool(x)
     x = nn.Dense(self.num_classes, kernel_init=init, dtype=dtype,
                  name='fc')(x)

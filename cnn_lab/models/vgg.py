@@ -36,6 +36,7 @@ class VGG(nn.Module):
   stages: Sequence[int]
   num_classes: int = 1000
   norm: str = 'none'
+  bn_momentum: float = 0.9  # Old value's weight in BN's moving averages.
   activation: str = 'relu'
   dropout_rate: float = 0.5
   kernel_init: str = 'glorot_uniform'
@@ -59,7 +60,7 @@ class VGG(nn.Module):
                         impl=self.conv_impl, dtype=dtype,
                         name=f'block{s}_conv{i}')(x)
         x = layers.make_norm(self.norm, train, f'block{s}_bn{i}',
-                             dtype=dtype)(x)
+                             dtype=dtype, momentum=self.bn_momentum)(x)
         x = layers.Activation(self.activation, name=f'block{s}_act{i}')(x)
       x = layers.max_pool(x, 2)
 
