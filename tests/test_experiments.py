@@ -43,6 +43,16 @@ def test_each_experiment_runs_at_the_tiny_budget(name, tmp_path):
   assert linked
   for rel in linked:
     assert (out / rel).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', rel
+  # `analyse` alone redoes the tables and keeps the training run's time.
+  timing = json.loads((workdir / experiments.TIMING).read_text())
+  minutes, secs = divmod(int(timing['seconds']), 60)
+  header = text.splitlines()[2]
+  assert f'{minutes} min {secs:02d} s in all' in header
+  (workdir / experiments.TIMING).write_text(json.dumps(
+      {'date': '2001-02-03', 'seconds': 3725}))
+  again = experiments.run(name, 'tiny', workdir, out, train=False)
+  header = again.read_text().splitlines()[2]
+  assert 'Measured 2001-02-03' in header and '62 min 05 s in all' in header
 
 
 def test_every_experiment_has_its_folder_readme_and_sweep_files():
@@ -121,3 +131,13 @@ def test_cli_lists_and_refuses_an_unknown_experiment():
                               '/nonexistent/x'], cwd=ROOT,
                        capture_output=True, text=True)
   assert bad.returncode == 2 and 'run the experiment first' in bad.stderr
+
+
+def test_dropout_rise_counts_and_largest_rise():
+  from cnn_lab.experiments import dropout_cost
+  values = [2.0, 1.0, 1.3, 1.2, 1.8, 1.8005]
+  steps = list(range(len(values)))
+  # Rises above 0.1%: 1.0 -> 1.3 and 1.2 -> 1.8 (1.8 -> 1.8005 is 0.03%).
+  assert dropout_cost._rises(steps, values) == '2 of 5'
+  assert dropout_cost._largest_rise(values) == pytest.approx(0.6 / 1.2)
+  assert dropout_cost._largest_rise([3.0, 2.0, 1.0]) == pytest.approx(-1 / 3)

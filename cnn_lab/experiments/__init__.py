@@ -22,6 +22,7 @@ never imports them: it hands their paths to launch.py.
 
 import dataclasses
 import importlib
+import json
 import os
 import pathlib
 import platform
@@ -40,6 +41,7 @@ NAMES = ('batch_norm', 'degradation', 'vanishing_gradients',
          'exploding_gradients', 'dropout_cost', 'one_by_one', 'bn_inference')
 RESULTS_BEGIN = '<!-- results:begin -->'
 RESULTS_END = '<!-- results:end -->'
+TIMING = 'timing.json'  # In the workdir: the last run's date and seconds.
 
 # Flags every tiny run shares: a handful of steps at a small batch, every
 # step logged, a small evaluation, the tasks in this process, no per-run
@@ -107,11 +109,13 @@ def run_stage(name: str, stage: Stage, folder: pathlib.Path, budget: str,
 
 
 def write_results(out: pathlib.Path, name: str, title: str, budget: str,
-                  seconds: float, body: str) -> pathlib.Path:
+                  seconds: float, body: str,
+                  date: str | None = None) -> pathlib.Path:
   """results.md in `out`, and the same text between the README's markers
-  when `out` holds a README that has them."""
+  when `out` holds a README that has them. `seconds` and `date` are those
+  of the run that trained (today's date if None)."""
   minutes, secs = divmod(int(seconds), 60)
-  header = (f'Measured {time.strftime("%Y-%m-%d")} with `python -m '
+  header = (f'Measured {date or time.strftime("%Y-%m-%d")} with `python -m '
             f'cnn_lab.experiments run {name}'
             + ('' if budget == 'cpu' else f' --budget={budget}') + f'` on '
             f'{machine()}: {minutes} min {secs:02d} s in all.')
@@ -164,8 +168,20 @@ def run(name: str, budget: str = 'cpu', workdir=None, out=None,
   (out / 'figures').mkdir(parents=True, exist_ok=True)
   print(f'== {name}: analysing {workdir}', flush=True)
   body = exp.analyse(folders, out / 'figures', budget)
-  path = write_results(out, name, exp.TITLE, budget,
-                       time.monotonic() - start, body)
+  # The header gives the time of the last `run` (training and analysis):
+  # recorded in the workdir, so that `analyse` alone keeps it.
+  timing = workdir / TIMING
+  if train:
+    workdir.mkdir(parents=True, exist_ok=True)
+    timing.write_text(json.dumps({
+        'date': time.strftime('%Y-%m-%d'),
+        'seconds': round(time.monotonic() - start, 1)}) + '\n')
+  try:
+    measured = json.loads(timing.read_text())
+    seconds, date = float(measured['seconds']), str(measured['date'])
+  except (OSError, ValueError, KeyError, TypeError):
+    seconds, date = time.monotonic() - start, None
+  path = write_results(out, name, exp.TITLE, budget, seconds, body, date)
   print(f'== {name}: done in {time.monotonic() - start:.0f} s; results in '
         f'{path}, figures in {out / "figures"}', flush=True)
   return path

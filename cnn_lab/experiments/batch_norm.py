@@ -17,7 +17,7 @@ STAGES = (
     Stage('vgg16', 'vgg16.py', cpu=_CPU + ('--config.train.num_steps=250',),
           tiny=('--config.model.width=0.0625',)),
     Stage('inception', 'inception.py',
-          cpu=_CPU + ('--config.train.num_steps=150',),
+          cpu=_CPU + ('--config.train.num_steps=80',),
           tiny=('--config.model.width=0.0625',)),
 )
 # Test accuracy a run must reach to count as "reached"; and, at the end, to
@@ -39,10 +39,29 @@ def _ratio(entry, line) -> float | None:
   return values[0] / values[-1]
 
 
+_INIT = {'glorot_uniform': 'Glorot', 'he_normal': 'He', 'normal': 'normal'}
+
+
+def _variant(entry) -> str:
+  """'BN', 'no BN', or with the swept initialisation: 'no BN, He'."""
+  name = 'BN' if entry['norm'] == 'batch' else 'no BN'
+  init = entry['kernel_init']
+  return f'{name}, {_INIT.get(init, init)}' if init else name
+
+
+def _variants(entries) -> list[str]:
+  return list(dict.fromkeys(_variant(e) for e in entries))
+
+
+def _of(entries, variant, lr=None):
+  return [e for e in entries if _variant(e) == variant
+          and (lr is None or e['learning_rate'] == lr)]
+
+
 def _rows(entries, target):
   rows = []
   for e in entries:
-    rows.append([e['norm'], e['learning_rate'], e.status,
+    rows.append([_variant(e), e['learning_rate'], e.status,
                  common.acc(e.last('train/accuracy')),
                  common.acc(e.last('eval/accuracy')),
                  common.steps_to(e, target) or 'not reached',
@@ -51,22 +70,22 @@ def _rows(entries, target):
   return rows
 
 
-def _largest(entries, norm):
-  ok = [e['learning_rate'] for e in common.pick(entries, norm=norm)
-        if _trains(e)]
+def _largest(entries, variant):
+  ok = [e['learning_rate'] for e in _of(entries, variant) if _trains(e)]
   return max(ok) if ok else None
 
 
 def _gradient_figure(entries, figdir, lr, name):
   fig, axes = common.plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   for ax, when in zip(axes, ('first', 'last')):
-    for i, norm in enumerate(('batch', 'none')):
-      e = common.one(entries, norm=norm, learning_rate=lr)
-      if e is None or e.run is None:
+    for i, variant in enumerate(_variants(entries)):
+      found = _of(entries, variant, lr)
+      if not found or found[0].run is None:
         continue
+      e = found[0]
       line = e.first_line() if when == 'first' else e.last_line()
       common.plot_depth(ax, e, line, 'grad_norm',
-                        f'norm={norm} (step {line.get("step")})',
+                        f'{variant} (step {line.get("step")})',
                         common.COLOURS[i])
     layers = next((e.layers for e in entries if e.layers), [])
     common.depth_axis(ax, layers)
@@ -79,29 +98,38 @@ def _gradient_figure(entries, figdir, lr, name):
 
 
 def _accuracy_figure(entries, figdir, name, title):
-  fig, axes = common.plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  variants = _variants(entries)
+  fig, axes = common.plt.subplots(1, len(variants),
+                                  figsize=(5.5 * len(variants), 4),
+                                  sharey=True, squeeze=False)
   rates = sorted({e['learning_rate'] for e in entries})
-  for ax, norm in zip(axes, ('batch', 'none')):
+  for ax, variant in zip(axes[0], variants):
     for i, lr in enumerate(rates):
-      e = common.one(entries, norm=norm, learning_rate=lr)
-      if e is not None:
+      for e in _of(entries, variant, lr):
         common.plot_curve(ax, e, 'eval/accuracy', f'lr {lr}'
                           + (' (diverged)' if e.diverged else ''),
                           common.COLOURS[i % 10], marker='.')
-    ax.set_title(f'{title}, norm={norm}')
+    ax.set_title(f'{title}, {variant}')
     ax.set_xlabel('step')
     ax.legend(fontsize=8)
-  axes[0].set_ylabel('test accuracy')
+  axes[0][0].set_ylabel('test accuracy')
   return common.save(fig, figdir, name)
 
 
 def _final_figure(entries, figdir):
   fig, ax = common.plt.subplots(figsize=(5.5, 4))
-  for i, norm in enumerate(('batch', 'none')):
-    pts = sorted((e['learning_rate'], e.last('eval/accuracy') or 0.0)
-                 for e in common.pick(entries, norm=norm))
+  for i, variant in enumerate(_variants(entries)):
+    runs = _of(entries, variant)
+    pts = sorted((e['learning_rate'], e.last('eval/accuracy'))
+                 for e in runs if not e.diverged
+                 and e.last('eval/accuracy') is not None)
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o',
-            label=f'norm={norm}', color=common.COLOURS[i])
+            label=variant, color=common.COLOURS[i])
+    lost = sorted(e['learning_rate'] for e in runs if e.diverged)
+    if lost:  # No accuracy to draw: a cross on the axis.
+      ax.plot(lost, [0.0] * len(lost), linestyle='none', marker='x',
+              markersize=9, color=common.COLOURS[i],
+              label=f'{variant}: diverged')
   ax.axhline(TRAINS, color='grey', linestyle=':', label='"trains" threshold')
   ax.set_xscale('log')
   ax.set_xlabel('learning rate')
@@ -111,7 +139,7 @@ def _final_figure(entries, figdir):
   return common.save(fig, figdir, 'vgg16_accuracy_by_lr')
 
 
-HEAD = ['norm', 'lr', 'status', 'train acc', 'test acc', 'steps to target',
+HEAD = ['variant', 'lr', 'status', 'train acc', 'test acc', 'steps to target',
         'grad first/last, step 1', 'grad first/last, end',
         'BN probe loss eval − train']
 
@@ -129,17 +157,23 @@ def analyse(folders, figdir, budget: str) -> str:
       _gradient_figure(inc, figdir, 0.05, 'inception_gradient_flow'),
       _accuracy_figure(inc, figdir, 'inception_test_accuracy', 'GoogLeNet'),
   ]
-  largest = [[norm, _largest(vgg, norm) or 'none trains',
-              _largest(inc, norm) or 'none trains']
-             for norm in ('batch', 'none')]
+  largest = []
+  for model, entries in (('VGG16', vgg), ('GoogLeNet', inc)):
+    for variant in _variants(entries):
+      largest.append([model, variant,
+                      _largest(entries, variant) or 'none trains',
+                      ', '.join(str(lr) for lr in sorted(
+                          e['learning_rate'] for e in _of(entries, variant)))])
   return '\n\n'.join([
       f'**VGG16** (target test accuracy {target}; "grad first/last" is the '
       'first weight layer\'s gradient norm over the last one\'s):',
       common.table(HEAD, _rows(vgg, target)),
-      '**GoogLeNet** (norm=batch is BN-Inception\'s change):',
+      '**GoogLeNet** (BN after every convolution is BN-Inception\'s change; '
+      'the config\'s initialisation, normal with std 0.01):',
       common.table(HEAD, _rows(inc, target)),
       f'**Largest learning rate that trains** (final test accuracy '
       f'≥ {TRAINS}, not diverged):',
-      common.table(['norm', 'VGG16', 'GoogLeNet'], largest),
+      common.table(['network', 'variant', 'largest that trains', 'tried'],
+                   largest),
       *[common.figure_link(f, f.stem) for f in figs],
   ])

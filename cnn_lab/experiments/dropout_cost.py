@@ -20,7 +20,7 @@ STAGES = (
           tiny=('--config.model.width=0.5',)),
     Stage('alexnet', 'alexnet.py',
           cpu=('--config.model.width=0.25', '--config.train.batch_size=64',
-               '--config.train.num_steps=300', '--config.log_every_steps=10',
+               '--config.train.num_steps=600', '--config.log_every_steps=10',
                '--config.eval_num_examples=1000', '--parallel=2'),
           tiny=('--config.model.width=0.0625',)),
 )
@@ -31,6 +31,20 @@ def _noise(values) -> float | None:
   changes = [(b - a) / abs(a) for a, b in zip(values, values[1:])
              if math.isfinite(a) and math.isfinite(b) and a]
   return statistics.pstdev(changes) if len(changes) > 1 else None
+
+
+def _rises(steps, values) -> str:
+  """'k of n': logged steps where the curve rose, by `check monotonic`."""
+  return (f'{len(check.find_rises(steps, values))} of {len(values) - 1}'
+          if len(values) > 1 else '–')
+
+
+def _largest_rise(values) -> float | None:
+  """The largest relative rise from one logged step to the next: the
+  tolerance `check monotonic` would need to pass the curve."""
+  rises = [(b - a) / abs(a) for a, b in zip(values, values[1:])
+           if math.isfinite(a) and math.isfinite(b) and a]
+  return max(rises) if rises else None
 
 
 def _rows(entries):
@@ -44,9 +58,8 @@ def _rows(entries):
         e['dropout_rate'], e.status,
         common.late_mean(e, 'train/loss'), common.late_mean(e, 'probe/loss'),
         sum(tail) / len(tail) if tail else None,
-        len(check.find_rises(steps, train)), len(check.find_rises(
-            *e.series('probe/loss'))),
-        _noise(train), _noise(probe),
+        _rises(steps, train), _rises(*e.series('probe/loss')),
+        _largest_rise(probe), _noise(train), _noise(probe),
         common.acc(common.late_mean(e, 'train/accuracy')),
         common.acc(e.last('eval/accuracy'))])
   return rows
@@ -94,7 +107,8 @@ def _accuracy(stages, figdir):
 
 HEAD = ['rate', 'status', 'train loss J (last 20%)',
         'probe loss (last 20%)', 'J − probe (last 20%)', 'rises of J',
-        'rises of probe', 'jumpiness of J', 'jumpiness of probe',
+        'rises of probe', 'largest rise of probe', 'jumpiness of J',
+        'jumpiness of probe',
         'train acc', 'test acc']
 
 
@@ -109,7 +123,11 @@ def analyse(folders, figdir, budget: str) -> str:
   fig = _accuracy(stages, figdir)
   parts += [
       '"Rises" counts the logged steps where the value went up by more than '
-      '0.1% (the rule of `python -m cnn_lab.check monotonic`); "jumpiness" '
+      '0.1% (the rule of `python -m cnn_lab.check monotonic`), out of the '
+      'logged intervals; "largest rise" is the largest relative rise from '
+      'one logged step to the next (the tolerance the check would need; '
+      'negative where the curve only fell); '
+      '"jumpiness" '
       'is the standard deviation of the relative change from one logged '
       'step to the next.', common.figure_link(fig, fig.stem)]
   return '\n\n'.join(parts)

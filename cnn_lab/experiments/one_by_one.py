@@ -12,8 +12,8 @@ QUESTION = ('what do NiN\'s 1x1 layers, Inception\'s 1x1 reductions, two '
 STAGES = (
     Stage('googlenet', 'googlenet.py',
           cpu=('--config.model.width=0.25', '--config.train.batch_size=64',
-               '--config.train.num_steps=200', '--config.log_every_steps=10',
-               '--config.eval_every_steps=100',
+               '--config.train.num_steps=120', '--config.log_every_steps=10',
+               '--config.eval_every_steps=60',
                '--config.eval_num_examples=1000', '--parallel=2'),
           tiny=('--config.model.width=0.0625',)),
 )

@@ -1,7 +1,9 @@
-r"""VGG16 with batch norm against without, at five learning rates: gradient
-flow at initialisation (step 1 is logged) and along training, test accuracy
-every few steps (steps to a target), the largest learning rate that still
-trains, and batch norm's train/eval gap (probe/bn_train_eval_gap).
+r"""VGG16 with batch norm against without, at five learning rates; without
+it both with the config's Glorot initialisation and with He's (the fair
+rival of batch norm for a deep ReLU net). Gradient flow at initialisation
+(step 1 is logged) and along training, test accuracy every few steps (steps
+to a target), the largest learning rate that still trains, and batch norm's
+train/eval gap (probe/bn_train_eval_gap).
 Dropout is off, so that batch norm is the only difference between the pairs.
 
 Full scale (30 epochs at full width; for accelerators):
@@ -23,6 +25,12 @@ def get_config():
 
 
 def get_sweep():
-  return sweeps.product(
-      sweeps.sweep('model.norm', ['batch', 'none']),
-      sweeps.sweep('optim.learning_rate', [0.003, 0.01, 0.03, 0.1, 0.3]))
+  rates = sweeps.sweep('optim.learning_rate', [0.003, 0.01, 0.03, 0.1, 0.3])
+  return sweeps.chain(
+      sweeps.product(sweeps.sweep('model.norm', ['batch']),
+                     sweeps.sweep('model.kernel_init', ['glorot_uniform']),
+                     rates),
+      sweeps.product(sweeps.sweep('model.norm', ['none']),
+                     sweeps.sweep('model.kernel_init',
+                                  ['glorot_uniform', 'he_normal']),
+                     rates))
