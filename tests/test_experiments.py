@@ -136,8 +136,7 @@ def test_cli_lists_and_refuses_an_unknown_experiment():
 def test_dropout_rise_counts_and_largest_rise():
   from cnn_lab.experiments import dropout_cost
   values = [2.0, 1.0, 1.3, 1.2, 1.8, 1.8005]
-  steps = list(range(len(values)))
   # Rises above 0.1%: 1.0 -> 1.3 and 1.2 -> 1.8 (1.8 -> 1.8005 is 0.03%).
-  assert dropout_cost._rises(steps, values) == '2 of 5'
+  assert dropout_cost._rises(values) == '2 of 5'
   assert dropout_cost._largest_rise(values) == pytest.approx(0.6 / 1.2)
   assert dropout_cost._largest_rise([3.0, 2.0, 1.0]) == pytest.approx(-1 / 3)

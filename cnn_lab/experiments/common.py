@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cnn_lab import check  # noqa: E402
 from cnn_lab import runs as runs_lib  # noqa: E402
 from cnn_lab import sweep_tables  # noqa: E402
 
@@ -174,8 +175,7 @@ def steps_to(entry: Entry, target: float, key: str = 'eval/accuracy'):
 def rises(values, tolerance: float = 1e-3) -> int:
   """How many logged steps the value rose by more than `tolerance` of the
   previous one (cnn_lab.check's rule)."""
-  return sum(1 for a, b in zip(values, values[1:])
-             if not math.isfinite(b) or b > a + tolerance * abs(a))
+  return len(check.find_rises(range(len(values)), values, tolerance))
 
 
 def num_params(entry: Entry) -> int | None:

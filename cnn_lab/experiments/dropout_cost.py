@@ -4,7 +4,6 @@ deterministic probe loss, on LeNet-5 and AlexNet."""
 import math
 import statistics
 
-from cnn_lab import check
 from cnn_lab.experiments import Stage, common
 
 TITLE = 'Dropout and the cost'
@@ -26,31 +25,34 @@ STAGES = (
 )
 
 
+def _changes(values) -> list[float]:
+  """The relative change from each logged value to the next (finite ones)."""
+  return [(b - a) / abs(a) for a, b in zip(values, values[1:])
+          if math.isfinite(a) and math.isfinite(b) and a]
+
+
 def _noise(values) -> float | None:
   """Std of the step-to-step relative changes: how jumpy a curve is."""
-  changes = [(b - a) / abs(a) for a, b in zip(values, values[1:])
-             if math.isfinite(a) and math.isfinite(b) and a]
+  changes = _changes(values)
   return statistics.pstdev(changes) if len(changes) > 1 else None
 
 
-def _rises(steps, values) -> str:
+def _rises(values) -> str:
   """'k of n': logged steps where the curve rose, by `check monotonic`."""
-  return (f'{len(check.find_rises(steps, values))} of {len(values) - 1}'
+  return (f'{common.rises(values)} of {len(values) - 1}'
           if len(values) > 1 else '–')
 
 
 def _largest_rise(values) -> float | None:
   """The largest relative rise from one logged step to the next: the
   tolerance `check monotonic` would need to pass the curve."""
-  rises = [(b - a) / abs(a) for a, b in zip(values, values[1:])
-           if math.isfinite(a) and math.isfinite(b) and a]
-  return max(rises) if rises else None
+  return max(_changes(values), default=None)
 
 
 def _rows(entries):
   rows = []
   for e in entries:
-    steps, train = e.series('train/loss')
+    _, train = e.series('train/loss')
     _, probe = e.series('probe/loss')
     gap = [t - p for t, p in zip(train, probe)]
     tail = gap[-max(1, len(gap) // 5):]
@@ -58,7 +60,7 @@ def _rows(entries):
         e['dropout_rate'], e.status,
         common.late_mean(e, 'train/loss'), common.late_mean(e, 'probe/loss'),
         sum(tail) / len(tail) if tail else None,
-        _rises(steps, train), _rises(*e.series('probe/loss')),
+        _rises(train), _rises(probe),
         _largest_rise(probe), _noise(train), _noise(probe),
         common.acc(common.late_mean(e, 'train/accuracy')),
         common.acc(e.last('eval/accuracy'))])
